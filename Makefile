@@ -1,0 +1,50 @@
+# The two set-up commands of README.md: `make demo` and `make test`.
+# Everything installs into a virtual environment (.venv) from PyPI, with the pinned versions of
+# requirements.lock; torch==2.13.0 (CPU wheel) is installed first so that no CUDA build is pulled.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO ?= demo
+
+.PHONY: demo test install install-test system-deps lint clean
+
+install: $(VENV)/.deps
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation .
+
+$(VENV)/.deps: requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -r requirements.lock
+	touch $@
+
+$(VENV)/.test-deps: $(VENV)/.deps requirements-test.lock
+	$(BIN)/pip install --quiet -r requirements-test.lock
+	touch $@
+
+install-test: install $(VENV)/.test-deps system-deps
+
+# Docker engine, debootstrap and Chromium for the container and browser tests (needs root).
+system-deps:
+	@if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    docker.io debootstrap chromium chromium-driver >/dev/null; \
+	else echo "not root: skipping apt packages (container and browser tests will skip)"; fi
+
+demo: install
+	rm -rf $(DEMO)
+	$(BIN)/spineqprep-synth $(DEMO)/bids --subjects 4 --sites 2 --sessions 2 --seed 1 --size small
+	$(BIN)/spineqprep $(DEMO)/bids $(DEMO)/derivatives participant -w $(DEMO)/work
+	$(BIN)/spineqprep $(DEMO)/bids $(DEMO)/derivatives group -w $(DEMO)/work
+	@echo "open $(DEMO)/derivatives/sub-*.html and $(DEMO)/derivatives/group.html"
+
+test: install-test
+	$(BIN)/ruff check spineqprep tests benchmarks
+	$(BIN)/python -m pytest -v
+
+lint:
+	$(BIN)/ruff check spineqprep tests benchmarks
+
+clean:
+	rm -rf $(VENV) $(DEMO) build *.egg-info

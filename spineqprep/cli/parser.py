@@ -1,0 +1,157 @@
+"""The BIDS-App command line: ``spineqprep bids_dir output_dir {participant,group}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from spineqprep import __version__
+from spineqprep.config import RunConfig, load_toml
+from spineqprep.errors import UsageError
+
+#: Settings that belong to one run and are never replayed from ``--config-file``.
+_NOT_REPLAYED = {"run_uuid", "version", "bids_dir", "output_dir", "analysis_level"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (kept separate so docs and tests can inspect it)."""
+    p = argparse.ArgumentParser(
+        prog="spineqprep",
+        description="spineqprep: quantitative MRI of the lumbar spine, as a BIDS-App. "
+        "Reads a spine-extended BIDS dataset and writes BIDS derivatives "
+        "(T2, T1rho and T2* maps, reports).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("bids_dir", type=Path, help="the raw spine-extended BIDS dataset (read only)")
+    p.add_argument("output_dir", type=Path, help="where the derivatives dataset is written")
+    p.add_argument("analysis_level", choices=["participant", "group"], help="processing stage")
+    p.add_argument("--version", action="version", version=f"spineqprep {__version__}")
+    p.add_argument("-v", "--verbose", dest="verbosity", action="count", default=None,
+                   help="more log output (repeat for more)")
+
+    g = p.add_argument_group("selecting data")
+    g.add_argument("--participant-label", "--participant_label", nargs="+", metavar="LABEL",
+                   help="participants to process (with or without 'sub-'); default all")
+    g.add_argument("--session-label", nargs="+", metavar="LABEL",
+                   help="sessions to process (with or without 'ses-'); default all")
+    g.add_argument("--bids-filter-file", type=Path, metavar="FILE",
+                   help="JSON file of pybids queries per series suffix (MESE, MESL, MEGRE, T1w, "
+                   "T2w), e.g. {\"MESL\": {\"acq\": \"mapss\"}}")
+    g.add_argument("--skip-bids-validation", action="store_true", default=None,
+                   help="skip the official BIDS validator and the spine-extension check")
+    g.add_argument("-d", "--derivatives", nargs="+", type=Path, metavar="PATH",
+                   help="derivatives datasets with precomputed outputs (e.g. maps) to reuse")
+
+    g = p.add_argument_group("performance and execution")
+    g.add_argument("-w", "--work-dir", type=Path, metavar="DIR",
+                   help="Nipype working directory; reusing it resumes an interrupted run "
+                   "(default ./work)")
+    g.add_argument("--nprocs", "--n-cpus", type=int, metavar="N",
+                   help="maximum number of processes (default: all available CPUs)")
+    g.add_argument("--omp-nthreads", type=int, metavar="N",
+                   help="threads per process (fitting); default min(nprocs, 8)")
+    g.add_argument("--mem-mb", "--mem_mb", type=int, metavar="MB",
+                   help="upper bound of memory for the workflow scheduler")
+    g.add_argument("--plugin", metavar="NAME",
+                   help="Nipype execution plugin: MultiProc (default), Linear, SLURM, "
+                   "SLURMGraph, SGE, PBS ...")
+    g.add_argument("--plugin-settings", "--use-plugin", type=Path, metavar="FILE",
+                   help="YAML/JSON/TOML file with 'plugin' and 'plugin_args' (Nipype)")
+    g.add_argument("--stop-on-first-crash", action="store_true", default=None,
+                   help="stop at the first failing step instead of finishing other subjects")
+    g.add_argument("--random-seed", type=int, metavar="SEED",
+                   help="seed of every random step (recorded in the run configuration)")
+    g.add_argument("--config-file", type=Path, metavar="FILE",
+                   help="replay the settings of a spineqprep.toml saved by an earlier run; "
+                   "options given on this command line win")
+
+    g = p.add_argument_group("what to produce")
+    g.add_argument("--fit-model", choices=["monoexp", "offset"],
+                   help="S0 exp(-t/T) (default, as published) or with a constant offset "
+                   "(noise floor)")
+    g.add_argument("--reports-only", action="store_true", default=None,
+                   help="only rebuild the HTML reports from existing derivatives")
+    g.add_argument("--boilerplate-only", "--boilerplate", action="store_true", default=None,
+                   help="only write the methods boilerplate (logs/CITATION.md)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> RunConfig:
+    """Parse the command line (and a replayed configuration) into a :class:`RunConfig`."""
+    ns = build_parser().parse_args(argv)
+    settings: dict[str, Any] = {}
+    if ns.config_file is not None:
+        settings = {k: v for k, v in load_toml(ns.config_file).items() if k not in _NOT_REPLAYED}
+    cli = {
+        "participant_label": ns.participant_label,
+        "session_label": ns.session_label,
+        "work_dir": ns.work_dir,
+        "nprocs": ns.nprocs,
+        "omp_nthreads": ns.omp_nthreads,
+        "mem_mb": ns.mem_mb,
+        "skip_bids_validation": ns.skip_bids_validation,
+        "stop_on_first_crash": ns.stop_on_first_crash,
+        "random_seed": ns.random_seed,
+        "reports_only": ns.reports_only,
+        "boilerplate_only": ns.boilerplate_only,
+        "derivatives": ns.derivatives,
+        "fit_model": ns.fit_model,
+        "verbosity": ns.verbosity,
+        "plugin": ns.plugin,
+    }
+    settings.update({k: v for k, v in cli.items() if v is not None})
+    if ns.bids_filter_file is not None:
+        settings["bids_filters"] = _read_filters(ns.bids_filter_file)
+    if ns.plugin_settings is not None:
+        plugin, plugin_args = _read_plugin(ns.plugin_settings)
+        settings.setdefault("plugin", plugin)
+        settings["plugin_args"] = plugin_args
+    for key in ("nprocs", "omp_nthreads", "mem_mb"):
+        if settings.get(key, 0) < 0:
+            raise UsageError(f"--{key.replace('_', '-')} must be positive")
+    return RunConfig(
+        bids_dir=ns.bids_dir, output_dir=ns.output_dir, analysis_level=ns.analysis_level,
+        **settings,
+    )
+
+
+def _read_filters(path: Path) -> dict[str, Any]:
+    try:
+        filters = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError("BIDS filter file not found", path=path) from None
+    except json.JSONDecodeError as err:
+        raise UsageError(f"not valid JSON ({err})", path=path,
+                         fix='write a JSON object such as {"MESL": {"acq": "mapss"}}') from None
+    if not isinstance(filters, dict) or not all(isinstance(v, dict) for v in filters.values()):
+        raise UsageError("a BIDS filter file maps series suffixes to query objects", path=path,
+                         fix='write a JSON object such as {"MESL": {"acq": "mapss"}}')
+    return filters
+
+
+def _read_plugin(path: Path) -> tuple[str | None, dict[str, Any]]:
+    """Read a Nipype plugin settings file (YAML, JSON or TOML)."""
+    import tomllib
+
+    import yaml
+
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UsageError("plugin settings file not found", path=path) from None
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:  # YAML is a superset of JSON
+            data = yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as err:
+        raise UsageError(f"cannot parse plugin settings ({err})", path=path) from None
+    if not isinstance(data, dict):
+        raise UsageError("plugin settings must be a mapping with 'plugin' and 'plugin_args'",
+                         path=path)
+    args = data.get("plugin_args") or {}
+    if not isinstance(args, dict):
+        raise UsageError("'plugin_args' must be a mapping", path=path)
+    return data.get("plugin"), args

@@ -1,0 +1,194 @@
+"""The participant level: validate, plan each subject, run the workflow, publish and report.
+
+A subject whose input is wrong, or whose processing fails, is reported and skipped; the others
+go on. The exit code is non-zero when any subject failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from pathlib import Path
+
+from spineqprep.bids.derivatives import build_path, write_dataset_description
+from spineqprep.bids.layout import Series, collect_participants, collect_series
+from spineqprep.bids.validate import Problem, check_dataset, check_series
+from spineqprep.config import RunConfig
+from spineqprep.errors import InputError
+from spineqprep.workflows.base import (
+    SubjectPlan,
+    boilerplate,
+    init_spineqprep_wf,
+    log_dir,
+)
+
+LOG = logging.getLogger("spineqprep")
+_SUBJECT_IN_PATH = re.compile(r"(?:^|/)sub-([A-Za-z0-9]+)(?:/|_)")
+
+
+def run_participant(config: RunConfig) -> int:
+    """Process every selected subject; returns 0 when all succeeded, 1 otherwise."""
+    subjects = collect_participants(
+        config.bids_dir, participant_label=config.participant_label or None,
+        session_label=config.session_label or None, bids_filters=config.bids_filters or None,
+    )
+    failures: dict[str, list[str]] = {}
+    if not config.skip_bids_validation:
+        failures.update(_validate_dataset(config))
+    plans = []
+    for subject in subjects:
+        if subject in failures:
+            continue
+        try:
+            plans.append(_plan_subject(config, subject))
+        except InputError as err:
+            failures[subject] = [str(err)]
+        if failures and config.stop_on_first_crash:
+            break
+    if failures and config.stop_on_first_crash:
+        _print_failures(failures, len(subjects))
+        return 1
+
+    write_dataset_description(config.output_dir, bids_dir=config.bids_dir,
+                              version=config.version)
+    for subject in subjects:
+        config.save(log_dir(config, subject) / "spineqprep.toml")
+    wf = init_spineqprep_wf(config, plans)
+    methods = boilerplate(wf)
+    _write_boilerplate(config.output_dir, methods)
+    if config.boilerplate_only:
+        print(f"spineqprep: boilerplate written to {config.output_dir / 'logs'}")
+        return 0
+    if not config.reports_only and plans:
+        failures.update(_run_workflow(config, wf, [p.subject for p in plans]))
+
+    from spineqprep.reports import build_subject_report
+
+    for subject in subjects:
+        build_subject_report(config.output_dir, subject, bids_dir=config.bids_dir,
+                             errors=failures.get(subject), boilerplate=methods)
+    if failures:
+        _print_failures(failures, len(subjects))
+        return 1
+    LOG.info("spineqprep: %d participant(s) finished; derivatives in %s", len(subjects),
+             config.output_dir)
+    return 0
+
+
+def _validate_dataset(config: RunConfig) -> dict[str, list[str]]:
+    """Check the raw dataset; dataset-wide errors stop the run, a subject's errors only that
+    subject. Returns subject -> messages."""
+    from spineqprep.bids.validate import raise_for_problems
+    from spineqprep.bids.validator import run_bids_validator
+
+    LOG.info("validating %s (spine extension and BIDS validator)", config.bids_dir)
+    problems = [p for p in check_dataset(config.bids_dir) if p.severity == "error"]
+    report = run_bids_validator(config.bids_dir)
+    problems += [p for p in report.problems if p.severity == "error"]
+    by_subject: dict[str, list[str]] = {}
+    dataset_wide: list[Problem] = []
+    for problem in problems:
+        match = _SUBJECT_IN_PATH.search(str(problem.path or ""))
+        if match:
+            by_subject.setdefault(match.group(1), []).append(str(problem))
+        else:
+            dataset_wide.append(problem)
+    if dataset_wide:
+        raise_for_problems(dataset_wide)
+    return by_subject
+
+
+def _plan_subject(config: RunConfig, subject: str) -> SubjectPlan:
+    """Collect and check the relaxometry series of one subject."""
+    series = collect_series(config.bids_dir, subject, sessions=config.session_label or None,
+                            bids_filters=config.bids_filters or None)
+    if not series:
+        raise InputError(
+            f"sub-{subject}: no MESE, MESL or MEGRE series found",
+            fix="check the file names against bids_spec/ (e.g. "
+            "sub-01_acq-mapss_tsl-1_MESL.nii.gz) and any --bids-filter-file",
+        )
+    errors = [str(p) for s in series for p in check_series(s) if p.severity == "error"]
+    if errors:
+        raise InputError(f"sub-{subject}: " + "\n".join(errors))
+    precomputed = {i: found for i, s in enumerate(series) if (found := _precomputed(config, s))}
+    LOG.info("sub-%s: %s", subject, ", ".join(
+        f"{s.suffix} acq-{s.acq} ({len(s.files)} images)" for s in series))
+    return SubjectPlan(subject=subject, series=series, precomputed=precomputed)
+
+
+def _precomputed(config: RunConfig, series: Series) -> dict[str, Path]:
+    """Existing outputs for ``series`` in the ``--derivatives`` datasets (first one wins)."""
+    entities = {k: v for k, v in
+                {"sub": series.subject, "ses": series.session, "acq": series.acq}.items() if v}
+    desc = {"T2map": "T2fit", "T1rho": "T1rhofit", "T2starmap": "T2starfit"}[series.target]
+    wanted = {series.target: entities, "S0map": {**entities, "desc": desc},
+              "Rsquared": {**entities, "desc": desc}, "mask": {**entities, "desc": desc}}
+    for root in config.derivatives:
+        path = root / build_path(entities, series.target, ".nii.gz")
+        if path.exists():
+            found = {}
+            for suffix, ents in wanted.items():
+                candidate = root / build_path(ents, suffix, ".nii.gz")
+                if candidate.exists():
+                    found[suffix] = candidate
+            LOG.info("reusing %s", path)
+            return found
+    return {}
+
+
+def _run_workflow(config: RunConfig, wf, subjects: list[str]) -> dict[str, list[str]]:
+    """Run the Nipype workflow; returns subject -> messages for the subjects that crashed."""
+    wf.config["execution"].update({
+        "crashfile_format": "txt",
+        "stop_on_first_crash": config.stop_on_first_crash,
+        "remove_unnecessary_outputs": False,
+    })
+    plugin_args = {"n_procs": config.nprocs, "raise_insufficient": False, **config.plugin_args}
+    if config.mem_mb:
+        plugin_args.setdefault("memory_gb", config.mem_mb / 1024)
+    if config.plugin != "MultiProc":
+        plugin_args = {k: v for k, v in plugin_args.items()
+                       if k not in {"n_procs", "memory_gb", "raise_insufficient"}} | \
+            dict(config.plugin_args)
+    LOG.info("running %d subject(s) with %s (%s)", len(subjects), config.plugin, plugin_args)
+    try:
+        wf.run(plugin=config.plugin, plugin_args=plugin_args)
+    except RuntimeError as err:
+        LOG.debug("workflow did not finish cleanly: %s", err)
+    failures = {}
+    for subject in subjects:
+        crashes = sorted(log_dir(config, subject).glob("crash-*.txt"))
+        if crashes:
+            failures[subject] = [_crash_message(c) for c in crashes]
+    return failures
+
+
+def _crash_message(crashfile: Path) -> str:
+    """The node name and the last error line of a Nipype crash file."""
+    text = crashfile.read_text(errors="replace")
+    node = re.search(r"^Node: (.+)$", text, re.M)
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    error = next((ln.strip() for ln in reversed(lines) if re.match(r"^\s*\w*(Error|Exception)", ln)),
+                 lines[-1] if lines else "unknown error")
+    error = re.sub(r"^[\w.]*(InputError|UsageError|SpineqprepError): ", "", error)
+    where = node.group(1) if node else crashfile.name
+    return f"{error} (step {where}; details in {crashfile})"
+
+
+def _write_boilerplate(output_dir: Path, methods: str) -> None:
+    from spineqprep.bids.derivatives import atomic_write_text
+
+    atomic_write_text(
+        "# Methods boilerplate\n\nspineqprep writes this text for you to reuse in the methods "
+        "section of a paper, citing the software and the methods it implements.\n\n"
+        + methods + "\n", output_dir / "logs" / "CITATION.md")
+
+
+def _print_failures(failures: dict[str, list[str]], n_total: int) -> None:
+    print(f"spineqprep: {len(failures)} of {n_total} participant(s) failed; "
+          "no derivatives were written for them:", file=sys.stderr)
+    for subject, messages in sorted(failures.items()):
+        for message in messages:
+            print(f"  sub-{subject}: {message}", file=sys.stderr)

@@ -1,0 +1,81 @@
+"""``spineqprep`` entry point: check the paths, plan each subject, run, publish, report."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from spineqprep.cli.parser import parse_args
+from spineqprep.config import RunConfig
+from spineqprep.errors import SpineqprepError, UsageError
+
+LOG = logging.getLogger("spineqprep")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run spineqprep; user errors end in one message and a non-zero exit, no traceback."""
+    os.environ.setdefault("NO_ET", "1")  # Nipype must never phone home
+    try:
+        config = parse_args(argv)
+        _setup_logging(config.verbosity)
+        return run(config)
+    except SpineqprepError as err:
+        print(f"spineqprep: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("spineqprep: interrupted; rerun with the same --work-dir to resume", file=sys.stderr)
+        return 130
+
+
+def run(config: RunConfig) -> int:
+    """Run the analysis level named in ``config``; returns the exit code."""
+    check_paths(config)
+    if config.analysis_level == "group":
+        from spineqprep.cli.group import run_group
+
+        return run_group(config)
+    from spineqprep.cli.participant import run_participant
+
+    return run_participant(config)
+
+
+def check_paths(config: RunConfig) -> None:
+    """Refuse a missing raw dataset and output or work folders inside it."""
+    bids = config.bids_dir
+    if not bids.is_dir():
+        raise UsageError("the BIDS dataset folder does not exist", path=bids,
+                         fix="give the path of a BIDS dataset as the first argument")
+    if not (bids / "dataset_description.json").is_file():
+        raise UsageError("not a BIDS dataset: no dataset_description.json", path=bids,
+                         fix="give the root folder of the BIDS dataset")
+    for name, path in (("output", config.output_dir), ("work", config.work_dir)):
+        if path == bids or bids in path.parents:
+            raise UsageError(
+                f"the {name} folder is inside the raw dataset; spineqprep never writes there",
+                path=path, fix=f"choose a {name} folder outside {bids}",
+            )
+        if path in bids.parents:
+            raise UsageError(f"the {name} folder contains the raw dataset", path=path,
+                             fix=f"choose a {name} folder that does not contain {bids}")
+    for path in config.derivatives:
+        if not path.is_dir():
+            raise UsageError("derivatives dataset not found", path=path)
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING - 10 * (1 + (verbosity or 0))
+    logging.basicConfig(level=max(level, logging.DEBUG),
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    from nipype import config as nipype_config, logging as nipype_logging
+
+    nipype_level = "INFO" if (verbosity or 0) >= 1 else "WARNING"
+    nipype_config.set("logging", "workflow_level", nipype_level)
+    nipype_config.set("logging", "interface_level", nipype_level)
+    nipype_logging.update_logging(nipype_config)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

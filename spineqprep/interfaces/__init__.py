@@ -1,0 +1,1 @@
+"""Thin Nipype wrappers around spineqprep's pure functions."""

@@ -1,0 +1,122 @@
+"""Relaxation mapping of one series: fit (or reuse) the map, then stage it as a derivative."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from spineqprep.bids.layout import Series
+from spineqprep.bids.schema import load_schema
+from spineqprep.config import DEFAULT_T_RANGES
+from spineqprep.interfaces.bids import DerivativesDataSink
+from spineqprep.interfaces.relaxometry import FitMonoexp
+
+#: Acquisition fields copied from the source sidecar into every map's sidecar.
+_COPIED_FIELDS = ("MagneticFieldStrength", "Manufacturer", "ManufacturersModelName",
+                  "RepetitionTime", "SpinLockFrequency")
+
+_QUANTITY_LABEL = {"T2": "T2", "T1rho": "T1rho", "T2star": "T2*"}
+
+
+def init_relaxometry_wf(
+    series: Series,
+    *,
+    staging_dir: Path,
+    raw_dir: Path,
+    fit_model: str = "monoexp",
+    omp_nthreads: int = 1,
+    precomputed: dict[str, Path] | None = None,
+    name: str | None = None,
+) -> pe.Workflow:
+    """Fit S(t) = S0 exp(-t/T) voxel-wise to ``series`` and stage the map and fit by-products.
+
+    With ``precomputed`` (suffix -> file of an existing derivatives dataset), the existing files
+    are staged instead of fitting again.
+
+    Outputs (``outputnode``): ``out_files``, the staged images.
+    """
+    spec = load_schema()["derivatives"]["maps"][series.target]
+    quantity = _QUANTITY_LABEL[spec["quantity"]]
+    desc = spec["desc"]
+    wf = pe.Workflow(name=name or f"{series.target.lower()}_{series.acq or 'noacq'}_wf")
+    time_field = series.time_field
+    wf.__desc__ = (
+        f"{quantity} maps were computed from the {len(series.files)} images of the "
+        f"{series.suffix} series (acq-{series.acq}; {time_field} "
+        f"{', '.join(f'{1000 * t:g}' for t in series.times)} ms) by a voxel-wise fit of "
+        f"S(t) = S0 exp(-t/{quantity})"
+        + (" + C" if fit_model == "offset" else "")
+        + ": a log-linear initialisation followed by a Levenberg-Marquardt least-squares fit "
+        "over all voxels at once (spineqprep.relaxometry); voxels with a non-finite, "
+        "non-converged or out-of-range fit were flagged in a validity mask. "
+    )
+    outputnode = pe.Node(niu.IdentityInterface(fields=["out_files"]), name="outputnode")
+    entities = {"sub": series.subject, "ses": series.session, "acq": series.acq}
+    entities = {k: v for k, v in entities.items() if v}
+    sources = [_bids_uri(f, raw_dir) for f in series.files]
+    t_range = DEFAULT_T_RANGES[series.target]
+    meta = {
+        "Units": "s",
+        "Description": f"Voxel-wise {quantity} of the {series.suffix} series, in seconds.",
+        "FitModel": f"S(t) = S0 * exp(-t / {quantity})" + (" + C" if fit_model == "offset" else ""),
+        "FitMethod": "log-linear initialisation, Levenberg-Marquardt least squares "
+        "(spineqprep.relaxometry)",
+        time_field: list(series.times),
+        "ValidRange": list(t_range),
+        **{k: series.metadata[k] for k in _COPIED_FIELDS if k in series.metadata},
+    }
+    outputs = [
+        (series.target, {}, meta, "out_map"),
+        ("S0map", {"desc": desc}, {"Units": "arbitrary",
+                                   "Description": f"Signal at t = 0 of the {quantity} fit."},
+         "out_s0"),
+        ("Rsquared", {"desc": desc}, {"Units": "1", "Description":
+                                      f"Coefficient of determination of the {quantity} fit."},
+         "out_rsquared"),
+        ("mask", {"desc": desc}, {"Type": "Validity", "Description":
+                                  f"1 where the {quantity} fit is finite, converged and within "
+                                  f"ValidRange {t_range} s."}, "out_mask"),
+    ]
+    merge = pe.Node(niu.Merge(len(outputs)), name="merge_outputs", run_without_submitting=True)
+    wf.connect(merge, "out", outputnode, "out_files")
+
+    fit = None
+    if not precomputed:
+        fit = pe.Node(
+            FitMonoexp(in_files=[str(f) for f in series.files], times=list(series.times),
+                       model=fit_model, t_range=t_range, num_threads=omp_nthreads),
+            name="fit", n_procs=omp_nthreads,
+        )
+    for i, (suffix, extra_entities, sidecar, fit_output) in enumerate(outputs, start=1):
+        ds = pe.Node(
+            DerivativesDataSink(base_directory=str(staging_dir), entities={**entities,
+                                **extra_entities}, suffix=suffix, sources=sources,
+                                meta_dict=sidecar),
+            name=f"ds_{suffix.lower()}", run_without_submitting=True,
+        )
+        if fit is not None:
+            wf.connect(fit, fit_output, ds, "in_file")
+            if fit_output == "out_map":
+                wf.connect(fit, "summary", ds, "extra_meta")
+        elif suffix in precomputed:
+            ds.inputs.in_file = str(precomputed[suffix])
+            ds.inputs.meta_dict = _sidecar(precomputed[suffix])
+            ds.inputs.sources = [str(precomputed[suffix])]
+        else:
+            continue
+        wf.connect(ds, "out_file", merge, f"in{i}")
+    return wf
+
+
+def _sidecar(image: Path) -> dict:
+    """The JSON sidecar of a precomputed derivative (empty when it has none)."""
+    path = Path(image).with_name(Path(image).name.split(".")[0] + ".json")
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _bids_uri(path: Path, raw_dir: Path) -> str:
+    """A BIDS URI of a raw file (``bids:raw:sub-01/anat/...``)."""
+    return f"bids:raw:{Path(path).resolve().relative_to(raw_dir.resolve()).as_posix()}"
