@@ -14,8 +14,7 @@ install: $(VENV)/.deps
 
 $(VENV)/.deps: requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
-	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet --no-deps torch==2.13.0
 	$(BIN)/pip install --quiet -r requirements.lock
 	touch $@
 

@@ -142,10 +142,8 @@ def _read_plugin(path: Path) -> tuple[str | None, dict[str, Any]]:
     except FileNotFoundError:
         raise UsageError("plugin settings file not found", path=path) from None
     try:
-        if path.suffix == ".toml":
-            data = tomllib.loads(text)
-        else:  # YAML is a superset of JSON
-            data = yaml.safe_load(text)
+        # YAML is a superset of JSON
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as err:
         raise UsageError(f"cannot parse plugin settings ({err})", path=path) from None
     if not isinstance(data, dict):

@@ -35,7 +35,7 @@ def run_participant(config: RunConfig) -> int:
     )
     failures: dict[str, list[str]] = {}
     if not config.skip_bids_validation:
-        failures.update(_validate_dataset(config))
+        failures.update(_validate_dataset(config, subjects))
     plans = []
     for subject in subjects:
         if subject in failures:
@@ -76,14 +76,16 @@ def run_participant(config: RunConfig) -> int:
     return 0
 
 
-def _validate_dataset(config: RunConfig) -> dict[str, list[str]]:
+def _validate_dataset(config: RunConfig, subjects: list[str]) -> dict[str, list[str]]:
     """Check the raw dataset; dataset-wide errors stop the run, a subject's errors only that
     subject. Returns subject -> messages."""
     from spineqprep.bids.validate import raise_for_problems
     from spineqprep.bids.validator import run_bids_validator
 
     LOG.info("validating %s (spine extension and BIDS validator)", config.bids_dir)
-    problems = [p for p in check_dataset(config.bids_dir) if p.severity == "error"]
+    problems = [p for p in check_dataset(config.bids_dir, participants=subjects,
+                                        bids_filters=config.bids_filters or None)
+                if p.severity == "error"]
     report = run_bids_validator(config.bids_dir)
     problems += [p for p in report.problems if p.severity == "error"]
     by_subject: dict[str, list[str]] = {}
@@ -111,7 +113,7 @@ def _plan_subject(config: RunConfig, subject: str) -> SubjectPlan:
         )
     errors = [str(p) for s in series for p in check_series(s) if p.severity == "error"]
     if errors:
-        raise InputError(f"sub-{subject}: " + "\n".join(errors))
+        raise InputError("\n".join(errors))
     precomputed = {i: found for i, s in enumerate(series) if (found := _precomputed(config, s))}
     LOG.info("sub-%s: %s", subject, ", ".join(
         f"{s.suffix} acq-{s.acq} ({len(s.files)} images)" for s in series))
@@ -144,15 +146,16 @@ def _run_workflow(config: RunConfig, wf, subjects: list[str]) -> dict[str, list[
         "crashfile_format": "txt",
         "stop_on_first_crash": config.stop_on_first_crash,
         "remove_unnecessary_outputs": False,
+        "poll_sleep_duration": 0.2,  # Nipype's default of 2 s idles the scheduler
     })
-    plugin_args = {"n_procs": config.nprocs, "raise_insufficient": False, **config.plugin_args}
+    plugin_args = {"n_procs": config.nprocs, "raise_insufficient": False,
+                   "status_callback": _Progress(wf), **config.plugin_args}
     if config.mem_mb:
         plugin_args.setdefault("memory_gb", config.mem_mb / 1024)
     if config.plugin != "MultiProc":
         plugin_args = {k: v for k, v in plugin_args.items()
-                       if k not in {"n_procs", "memory_gb", "raise_insufficient"}} | \
-            dict(config.plugin_args)
-    LOG.info("running %d subject(s) with %s (%s)", len(subjects), config.plugin, plugin_args)
+                       if k not in {"n_procs", "memory_gb", "raise_insufficient"}}
+    LOG.info("running %d subject(s) with the %s plugin", len(subjects), config.plugin)
     try:
         wf.run(plugin=config.plugin, plugin_args=plugin_args)
     except RuntimeError as err:
@@ -165,14 +168,39 @@ def _run_workflow(config: RunConfig, wf, subjects: list[str]) -> dict[str, list[
     return failures
 
 
+class _Progress:
+    """Nipype status callback: one log line per finished or failed fitting / publishing step."""
+
+    def __init__(self, wf) -> None:
+        self.total = sum(1 for n in wf.list_node_names() if n.rsplit(".", 1)[-1] in _STEPS)
+        self.done = 0
+
+    def __call__(self, node, status: str) -> None:
+        step = node.fullname.rsplit(".", 1)[-1]
+        if step not in _STEPS or status not in {"end", "exception"}:
+            return
+        self.done += 1
+        where = node.fullname.split(".")[1:-1]
+        subject = where[0].removesuffix("_wf").replace("_", "-", 1)
+        what = where[-1].removesuffix("_wf").replace("_acq_", " acq-") if len(where) > 1 else ""
+        result = _STEPS[step] if status == "end" else "FAILED"
+        LOG.info("[%d/%d] %s: %s", self.done, self.total, subject, f"{what} {result}".strip())
+
+
+_STEPS = {"fit": "fitted", "commit_derivatives": "derivatives published"}
+
+
 def _crash_message(crashfile: Path) -> str:
-    """The node name and the last error line of a Nipype crash file."""
+    """The user-facing error of a Nipype crash file: a spineqprep error with its fix when the
+    step raised one, else the last exception line; with the step and the crash file named."""
     text = crashfile.read_text(errors="replace")
     node = re.search(r"^Node: (.+)$", text, re.M)
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    error = next((ln.strip() for ln in reversed(lines) if re.match(r"^\s*\w*(Error|Exception)", ln)),
-                 lines[-1] if lines else "unknown error")
-    error = re.sub(r"^[\w.]*(InputError|UsageError|SpineqprepError): ", "", error)
+    ours = re.findall(r"spineqprep\.errors\.\w+: (.+(?:\n\s*fix: .+)?)", text)
+    if ours:
+        error = " ".join(part.strip() for part in ours[-1].splitlines())
+    else:
+        errors = re.findall(r"^\s*([\w.]*(?:Error|Exception): .+)$", text, re.M)
+        error = errors[-1].strip() if errors else "unknown error"
     where = node.group(1) if node else crashfile.name
     return f"{error} (step {where}; details in {crashfile})"
 
@@ -191,4 +219,4 @@ def _print_failures(failures: dict[str, list[str]], n_total: int) -> None:
           "no derivatives were written for them:", file=sys.stderr)
     for subject, messages in sorted(failures.items()):
         for message in messages:
-            print(f"  sub-{subject}: {message}", file=sys.stderr)
+            print(f"  sub-{subject}: " + message.replace("\n", "\n    "), file=sys.stderr)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 
 from spineqprep.cli.parser import parse_args
 from spineqprep.config import RunConfig
@@ -69,9 +68,13 @@ def _setup_logging(verbosity: int) -> None:
     logging.basicConfig(level=max(level, logging.DEBUG),
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
-    from nipype import config as nipype_config, logging as nipype_logging
+    from nipype import config as nipype_config
+    from nipype import logging as nipype_logging
 
-    nipype_level = "INFO" if (verbosity or 0) >= 1 else "WARNING"
+    # Nipype's own error logs carry tracebacks; spineqprep reports failures itself (one line per
+    # subject, pointing at the crash file), so Nipype speaks only when asked with -v.
+    nipype_level = ["CRITICAL", "WARNING", "INFO"][min(verbosity or 0, 2)]
+    logging.getLogger("bidsschematools").setLevel(logging.WARNING)
     nipype_config.set("logging", "workflow_level", nipype_level)
     nipype_config.set("logging", "interface_level", nipype_level)
     nipype_logging.update_logging(nipype_config)

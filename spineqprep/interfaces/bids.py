@@ -12,6 +12,7 @@ from nipype.interfaces.base import (
     InputMultiObject,
     SimpleInterface,
     TraitedSpec,
+    isdefined,
     traits,
 )
 
@@ -44,13 +45,17 @@ class DerivativesDataSink(SimpleInterface):
         rel = build_path(dict(self.inputs.entities), self.inputs.suffix, ".nii.gz")
         out = Path(self.inputs.base_directory) / rel
         atomic_write_nifti(nib.load(self.inputs.in_file), out)
-        meta = {**self.inputs.meta_dict, **self.inputs.extra_meta}
+        meta = {**_defined(self.inputs.meta_dict), **_defined(self.inputs.extra_meta)}
         if self.inputs.sources:
             meta["Sources"] = list(self.inputs.sources)
         sidecar = out.with_name(out.name.removesuffix(".nii.gz") + ".json")
         atomic_write_json(meta, sidecar)
         self._results.update(out_file=str(out), out_meta=str(sidecar))
         return runtime
+
+
+def _defined(value: dict) -> dict:
+    return value if isdefined(value) else {}
 
 
 class _CommitInputSpec(BaseInterfaceInputSpec):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
@@ -51,9 +52,11 @@ class FitMonoexp(SimpleInterface):
         )
         keys = {"T": "out_map", "S0": "out_s0", "Rsquared": "out_rsquared", "mask": "out_mask",
                 "offset": "out_offset"}
-        for key, img in result.images.items():
+        for key, img in result.items():
             path = Path(runtime.cwd) / f"{key}.nii.gz"
             img.to_filename(path)
             self._results[keys[key]] = str(path)
-        self._results["summary"] = result.summary
+        valid = np.asanyarray(result["mask"].dataobj) > 0
+        self._results["summary"] = {"NumberOfValidVoxels": int(valid.sum()),
+                                    "FractionValid": round(float(valid.mean()), 6)}
         return runtime

@@ -37,13 +37,22 @@ def staging_dir(config: RunConfig) -> Path:
 def init_spineqprep_wf(config: RunConfig, plans: list[SubjectPlan]) -> pe.Workflow:
     """The participant-level workflow: independent sub-workflows, one per subject."""
     wf = pe.Workflow(name="spineqprep_wf", base_dir=str(config.work_dir))
+    model = "S(t) = S0 exp(-t/T)" + (" + C" if config.fit_model == "offset" else "")
     wf.__desc__ = (
         f"Results included in this manuscript come from processing performed with spineqprep "
         f"{config.version}, a BIDS-App for quantitative MRI of the lumbar spine built on Nipype. "
+        f"Relaxation times were mapped voxel by voxel by fitting {model} to the images of each "
+        "series, with a log-linear initialisation followed by a Levenberg-Marquardt "
+        "least-squares fit; voxels whose fit was non-finite, did not converge or fell outside "
+        "the valid range were flagged in a validity mask. The series were:"
     )
     for plan in plans:
         sub_wf = init_single_subject_wf(config, plan)
-        sub_wf.config["execution"]["crashdump_dir"] = str(log_dir(config, plan.subject))
+        # Nipype does not pass a sub-workflow's config to its nodes: set it on each node,
+        # so that every crash file lands in its own subject's log folder.
+        crash_dir = str(log_dir(config, plan.subject))
+        for name in sub_wf.list_node_names():
+            sub_wf.get_node(name).config = {"execution": {"crashdump_dir": crash_dir}}
         wf.add_nodes([sub_wf])
     return wf
 

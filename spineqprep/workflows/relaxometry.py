@@ -8,6 +8,7 @@ from pathlib import Path
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
+from spineqprep.bids.derivatives import bids_uri, map_metadata
 from spineqprep.bids.layout import Series
 from spineqprep.bids.schema import load_schema
 from spineqprep.config import DEFAULT_T_RANGES
@@ -43,40 +44,36 @@ def init_relaxometry_wf(
     desc = spec["desc"]
     wf = pe.Workflow(name=name or f"{series.target.lower()}_{series.acq or 'noacq'}_wf")
     time_field = series.time_field
+    extra = (f"; {series.metadata['SpinLockFrequency']:g} Hz"
+             if "SpinLockFrequency" in series.metadata else "")
     wf.__desc__ = (
-        f"{quantity} maps were computed from the {len(series.files)} images of the "
-        f"{series.suffix} series (acq-{series.acq}; {time_field} "
-        f"{', '.join(f'{1000 * t:g}' for t in series.times)} ms) by a voxel-wise fit of "
-        f"S(t) = S0 exp(-t/{quantity})"
-        + (" + C" if fit_model == "offset" else "")
-        + ": a log-linear initialisation followed by a Levenberg-Marquardt least-squares fit "
-        "over all voxels at once (spineqprep.relaxometry); voxels with a non-finite, "
-        "non-converged or out-of-range fit were flagged in a validity mask. "
+        f"\n- {quantity} from the {series.suffix} series acq-{series.acq} "
+        f"({time_field} {', '.join(f'{1000 * t:g}' for t in series.times)} ms{extra})"
     )
     outputnode = pe.Node(niu.IdentityInterface(fields=["out_files"]), name="outputnode")
     entities = {"sub": series.subject, "ses": series.session, "acq": series.acq}
     entities = {k: v for k, v in entities.items() if v}
-    sources = [_bids_uri(f, raw_dir) for f in series.files]
+    sources = [bids_uri(f, raw_dir) for f in series.files]
     t_range = DEFAULT_T_RANGES[series.target]
-    meta = {
-        "Units": "s",
-        "Description": f"Voxel-wise {quantity} of the {series.suffix} series, in seconds.",
-        "FitModel": f"S(t) = S0 * exp(-t / {quantity})" + (" + C" if fit_model == "offset" else ""),
-        "FitMethod": "log-linear initialisation, Levenberg-Marquardt least squares "
+    meta = map_metadata(
+        series.target,
+        Description=f"Voxel-wise {quantity} of the {series.suffix} series, in seconds.",
+        FitModel=f"S(t) = S0 * exp(-t / {quantity})" + (" + C" if fit_model == "offset" else ""),
+        EstimationMethod="log-linear initialisation, Levenberg-Marquardt least squares "
         "(spineqprep.relaxometry)",
-        time_field: list(series.times),
-        "ValidRange": list(t_range),
+        ValidRange=list(t_range),
+        **{time_field: list(series.times)},
         **{k: series.metadata[k] for k in _COPIED_FIELDS if k in series.metadata},
-    }
+    )
     outputs = [
         (series.target, {}, meta, "out_map"),
-        ("S0map", {"desc": desc}, {"Units": "arbitrary",
+        ("S0map", {"desc": desc}, {"Units": "arbitrary", "SkullStripped": False,
                                    "Description": f"Signal at t = 0 of the {quantity} fit."},
          "out_s0"),
         ("Rsquared", {"desc": desc}, {"Units": "1", "Description":
                                       f"Coefficient of determination of the {quantity} fit."},
          "out_rsquared"),
-        ("mask", {"desc": desc}, {"Type": "Validity", "Description":
+        ("mask", {"desc": desc}, {"Type": "ROI", "Description":
                                   f"1 where the {quantity} fit is finite, converged and within "
                                   f"ValidRange {t_range} s."}, "out_mask"),
     ]
@@ -115,8 +112,3 @@ def _sidecar(image: Path) -> dict:
     """The JSON sidecar of a precomputed derivative (empty when it has none)."""
     path = Path(image).with_name(Path(image).name.split(".")[0] + ".json")
     return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _bids_uri(path: Path, raw_dir: Path) -> str:
-    """A BIDS URI of a raw file (``bids:raw:sub-01/anat/...``)."""
-    return f"bids:raw:{Path(path).resolve().relative_to(raw_dir.resolve()).as_posix()}"

@@ -1,0 +1,476 @@
+"""Voxel-wise mono-exponential relaxometry: S(t) = S0 exp(-t / T) [+ C].
+
+One least-squares problem per voxel, solved for all voxels of a chunk at once with numpy:
+
+1. a log-linear initial estimate of R = 1/T (weighted by S^2, which makes it close to the
+   least-squares answer);
+2. Levenberg-Marquardt on R with the linear parameters projected out (variable projection:
+   given R, the best S0 -- and C for the offset model -- are closed-form). The reduced cost
+   has the same minimiser as the full two- (three-) parameter problem, so the maps are the
+   ones per-voxel ``scipy.optimize.curve_fit`` finds. Steps use the exact second derivative
+   of the reduced cost when it is positive (Newton, quadratic convergence) and the
+   Gauss-Newton curvature otherwise; a step that raises the cost is rejected and damped.
+
+Working in R keeps "no decay" (R <= 0) a finite point of the search instead of T = inf.
+Voxels are fitted in chunks of ``chunk_size`` (work buffers reused per thread: intermediates
+stay in cache, memory stays bounded); a thread pool fits chunks in parallel (numpy releases the
+GIL inside its loops) and BLAS is held to one thread meanwhile, so ``n_threads`` is the number
+of cores used. Converged voxels are frozen and, once fewer than half still move, the rest are
+gathered into a smaller problem: a voxel's result does not depend on its neighbours in the
+chunk (chunking and threads change results by at most an ulp of BLAS rounding).
+
+Nothing is clipped: a voxel whose fit fails or leaves the plausible range keeps ``valid``
+False with a reason code (``REASONS``), and its T is NaN where no finite estimate exists.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from spineqprep.errors import InputError, UsageError
+
+__all__ = ["REASONS", "MonoexpFit", "crlb_monoexp", "fit_monoexp"]
+
+#: Reason codes stored in ``MonoexpFit.reason`` (index = code). 0 means a valid voxel.
+REASONS: tuple[str, ...] = (
+    "valid",
+    "outside_mask",
+    "nonfinite_signal",
+    "nonpositive_signal",
+    "flat_signal",
+    "not_converged",
+    "no_decay",
+    "t_out_of_range",
+    "s0_nonpositive",
+)
+_OUTSIDE, _NONFINITE, _NONPOS, _FLAT, _NOCONV, _NODECAY, _RANGE, _S0NEG = range(1, 9)
+
+Model = Literal["monoexp", "offset"]
+
+
+@dataclass(frozen=True)
+class MonoexpFit:
+    """Maps of one fit, each of shape ``signal.shape[:-1]``.
+
+    ``t`` is in the unit of ``times`` (seconds); it is NaN where no finite estimate exists
+    (outside the mask, bad signal, no decay, not converged) and keeps the fitted value where
+    the fit worked but T or S0 is implausible (``valid`` False, reason says why).
+    """
+
+    t: np.ndarray
+    s0: np.ndarray
+    offset: np.ndarray | None
+    r2: np.ndarray
+    valid: np.ndarray
+    converged: np.ndarray
+    n_iter: np.ndarray
+    reason: np.ndarray
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def crlb_monoexp(
+    times: np.ndarray, t: np.ndarray | float, snr: float, model: Model = "monoexp"
+) -> np.ndarray:
+    """Cramer-Rao lower bound on the SD of T for Gaussian noise, SNR = S0 / sigma.
+
+    Returned in the unit of ``times`` and ``t``; divide by ``t`` for the relative bound.
+    """
+    tk = np.asarray(times, dtype=np.float64)
+    tt = np.atleast_1d(np.asarray(t, dtype=np.float64))
+    e = np.exp(-tk[None, :] / tt[:, None])  # S0 = 1, sigma = 1 / snr
+    cols = [e, tk[None, :] * e / tt[:, None] ** 2]
+    if model == "offset":
+        cols.append(np.ones_like(e))
+    jac = np.stack(cols, axis=-1)  # (nT, n_times, n_params)
+    fisher = np.einsum("vkp,vkq->vpq", jac, jac) * snr**2
+    var_t = np.linalg.inv(fisher)[:, 1, 1]
+    return np.sqrt(var_t).reshape(np.shape(t))
+
+
+def _check_times(times: Any, n_frames: int, model: Model) -> np.ndarray:
+    """The times as float64 seconds, or an InputError saying what is wrong with them."""
+    tk = np.asarray(times, dtype=np.float64)
+    if tk.ndim != 1 or tk.size != n_frames:
+        raise InputError(
+            f"{tk.size} time points given for {n_frames} signal frames",
+            fix="give one echo/spin-lock time (seconds) per image frame",
+        )
+    if not np.all(np.isfinite(tk)) or np.any(tk < 0):
+        raise InputError(
+            f"times must be finite and non-negative seconds, got {tk.tolist()}",
+            fix="check EchoTime / SpinLockTime in the JSON sidecars",
+        )
+    need = 3 if model == "offset" else 2
+    if np.unique(tk).size < need:
+        raise InputError(
+            f"the {model} model needs at least {need} distinct time points, got {tk.tolist()}",
+            fix="provide more echoes / spin-lock times (or use model='monoexp')",
+        )
+    if tk.max() > 1.0:
+        raise InputError(
+            f"times look like milliseconds ({tk.tolist()}); they must be in seconds",
+            fix="divide the times by 1000",
+        )
+    return tk
+
+
+@dataclass(frozen=True)
+class _Options:
+    times: np.ndarray
+    offset: bool
+    max_iter: int
+    tol: float
+    t_lo: float
+    t_hi: float
+
+
+# rows of the per-voxel state array of the solver
+_R, _G, _STEP, _A, _B, _P0 = range(6)
+
+
+class _Kernel:
+    """Sums over echoes for a block of voxels, in reusable work buffers.
+
+    The sums over echoes of t^p x (per-echo product), p = 0, 1, 2, come from small matrix
+    products ``[1, t, t^2] @ products`` (BLAS, single-threaded by the caller), which read each
+    product once. Buffers are flat and carved into contiguous (rows, m) views, so a block
+    allocates no large temporaries.
+    """
+
+    def __init__(self, opt: _Options, m_max: int):
+        tk = opt.times
+        self.n = tk.size
+        self.offset = opt.offset
+        self.neg_t = -tk[:, None]
+        self.powers = np.stack([np.ones_like(tk), tk, tk * tk])  # (3, n): t^0, t^1, t^2
+        self.rows = 6 if opt.offset else 5  # rows of the solver state
+        self._work = np.empty(3 * self.n * m_max)
+        self._sums = np.empty(9 * m_max)
+        self._block = np.empty(self.n * m_max)
+        self._states = (np.empty(self.rows * m_max), np.empty(self.rows * m_max))
+
+    def block(self, m: int) -> np.ndarray:
+        """Reusable (n_times, m) float64 buffer for the signal of one block."""
+        return self._view(self._block, self.n, m)
+
+    def states(self, m: int) -> tuple[np.ndarray, np.ndarray]:
+        """Two reusable (rows, m) solver-state buffers (current point and trial point)."""
+        return self._view(self._states[0], self.rows, m), self._view(self._states[1], self.rows, m)
+
+    @staticmethod
+    def _view(buf: np.ndarray, rows: int, m: int) -> np.ndarray:
+        return buf[: rows * m].reshape(rows, m)
+
+    def init(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Log-linear R (weights S^2; S <= 0 gets weight 0), sum(y) and sum(y^2)."""
+        n, m = y.shape
+        x = self._view(self._work, 2 * n, m)
+        w, wlog = x[:n], x[n:]
+        np.maximum(y, 1e-300, out=w)  # 1e-300 squares to 0: weight 0 for S <= 0
+        np.log(w, out=wlog)
+        np.multiply(w, w, out=w)
+        np.multiply(wlog, w, out=wlog)
+        sums = self._view(self._sums, 6, m)
+        p = self.powers
+        np.matmul(p, w, out=sums[0:3])
+        np.matmul(p[:2], wlog, out=sums[3:5])
+        np.matmul(p[:1], y, out=sums[5:6])
+        sw, st, stt, sl, stl, sy = sums
+        r = (st * sl - sw * stl) / (sw * stt - st * st)
+        # sum(y^2) is sum(w) unless some samples are <= 0 (NaN and inf propagate through w)
+        syy = sw.copy() if (y > 0).all() else np.einsum("km,km->m", y, y)
+        return r, sy.copy(), syy
+
+    def reduced(self, y: np.ndarray, state: np.ndarray) -> None:
+        """Fill the state rows at R = state[_R] for every voxel of the block.
+
+        The variable-projection cost is const - g(R), g = A^2 / B with A = <y, e>,
+        B = |e|^2 (both centred for the offset model), e = exp(-R t). Rows written: g, the
+        step on R (Newton where the cost is convex there, Gauss-Newton elsewhere), A and B
+        (S0 = A / B) and sum(e) (offset model: C = mean(y) - S0 sum(e) / n).
+        """
+        n, m = y.shape
+        x = self._view(self._work, 3 * n, m)
+        ye, e2, e = x[:n], x[n : 2 * n], x[2 * n :]
+        np.multiply(self.neg_t, state[_R], out=e)
+        np.exp(e, out=e)
+        np.multiply(y, e, out=ye)
+        np.multiply(e, e, out=e2)
+        sums = self._view(self._sums, 9 if self.offset else 6, m)
+        np.matmul(self.powers, ye, out=sums[0:3])
+        np.matmul(self.powers, e2, out=sums[3:6])
+        if self.offset:
+            np.matmul(self.powers, e, out=sums[6:9])
+        a, a1, a2, b, b1, b2 = sums[:6]
+        c2 = b2
+        if self.offset:
+            p0, p1, p2 = sums[6:]
+            ybar = y.mean(0)
+            a = a - ybar * p0
+            a1 = a1 - ybar * p1
+            a2 = a2 - ybar * p2
+            b = b - p0 * p0 / n
+            b1 = b1 - p0 * p1 / n
+            c2 = b2 - p1 * p1 / n
+            b2 = b2 - (p1 * p1 + p0 * p2) / (2 * n)
+            state[_P0] = p0
+        # g' = 2 s0 (s0 b1 - a1); g''/2 = (a1^2 + a a2 + 2 (g' b1 - g b2)) / b = half / b
+        s0 = a / b
+        g = np.multiply(a, s0, out=state[_G])
+        dg = s0 * b1
+        dg -= a1
+        dg *= 2.0 * s0
+        half = a1 * a1
+        half += a * a2
+        half += 2.0 * (dg * b1 - g * b2)
+        step = np.divide(dg, half, out=state[_STEP])
+        step *= -0.5 * b
+        concave = half < 0  # g concave <=> cost convex: Newton step
+        if not concave.all():
+            # Gauss-Newton curvature of the cost: 2 s0^2 (c2 - b1^2 / b) >= 0
+            bad = ~concave
+            step[bad] = dg[bad] / (2.0 * s0[bad] ** 2 * (c2[bad] - b1[bad] ** 2 / b[bad]))
+        state[_A] = a
+        state[_B] = b
+
+
+def _solve(
+    y: np.ndarray, state: np.ndarray, trial: np.ndarray, kern: _Kernel, opt: _Options, it: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Levenberg-Marquardt iterations on R for the voxels (columns) of ``state``.
+
+    ``state`` must hold a first evaluation; ``trial`` is a buffer of the same shape (both
+    are reused, the final state is returned). A converged voxel is
+    frozen (step 0, so re-evaluation reproduces it bit for bit); once fewer than half of the
+    voxels are still moving they are gathered into a smaller problem (recursively), so no
+    voxel's path depends on the others. Returns (final state, converged, iterations).
+    """
+    m = state.shape[1]
+    r_scale = 1.0 / float(opt.times.max() - opt.times.min())  # "slow" R on the sampled span
+    conv = np.zeros(m, dtype=bool)
+    n_iter = np.full(m, it, dtype=np.int16)
+    active = np.ones(m, dtype=bool)
+    lam = None  # Levenberg-Marquardt damping, allocated at the first rejected step
+    while True:
+        r, step, g = state[_R], state[_STEP], state[_G]
+        small = np.abs(step) <= opt.tol * np.maximum(np.abs(r), r_scale)
+        newly = active & small if it < opt.max_iter else active
+        if newly.any():
+            conv |= newly & small
+            active &= ~newly
+            n_active = np.count_nonzero(active)
+            if n_active == 0:
+                break
+            if 2 * n_active < m:
+                ki = np.flatnonzero(active)
+                sub = np.take(state, ki, axis=1)
+                sub, c_sub, n_sub = _solve(
+                    np.take(y, ki, axis=1), sub, np.empty_like(sub), kern, opt, it
+                )
+                state[:, ki] = sub
+                conv[ki] = c_sub
+                n_iter[ki] = n_sub
+                break
+        n_iter += active
+        it += 1
+        rt = trial[_R]
+        cap = np.maximum(np.abs(r), r_scale)  # |step| <= max(|R|, r_scale)
+        np.clip(step if lam is None else step / (1.0 + lam), -cap, cap, out=rt)
+        rt *= active
+        rt += r
+        kern.reduced(y, trial)
+        acc = trial[_G] >= g - 1e-13 * np.abs(g)
+        acc |= ~active
+        if lam is None and acc.all():
+            state, trial = trial, state
+            continue
+        np.copyto(state, trial, where=acc)
+        lam = np.where(acc, 0.0, np.maximum((0.0 if lam is None else lam) * 10.0, 1e-3))
+        if not lam.any():
+            lam = None
+    return state, conv & np.isfinite(state[_G]), n_iter
+
+
+def _fit_block(y: np.ndarray, opt: _Options, kern: _Kernel) -> dict[str, np.ndarray]:
+    """Fit one block ``y`` of shape (n_times, m); every voxel is independent of the others."""
+    tk = opt.times
+    n, m = y.shape
+    reason = np.zeros(m, dtype=np.uint8)
+    with np.errstate(all="ignore"):
+        r, sy, syy = kern.init(y)
+        ss_tot = syy - sy * sy / n
+        fittable = np.isfinite(syy) & (sy > 0) & (ss_tot > 1e-12 * syy)
+        whole = bool(fittable.all())
+        if not whole:
+            reason[~fittable] = _FLAT
+            reason[~(sy > 0)] = _NONPOS
+            reason[~np.isfinite(syy)] = _NONFINITE
+        r[~np.isfinite(r)] = 1.0 / float(tk.max() - tk.min())
+        idx = np.flatnonzero(fittable)
+        if whole:
+            res, trial = kern.states(m)
+            res[_R] = r
+            kern.reduced(y, res)
+            res, conv, n_iter = _solve(y, res, trial, kern, opt, 0)
+        else:
+            res = np.full((kern.rows, m), np.nan)
+            conv = np.zeros(m, dtype=bool)
+            n_iter = np.zeros(m, dtype=np.int16)
+            if idx.size:
+                state, trial = kern.states(idx.size)
+                state[_R] = r[idx]
+                yy = np.take(y, idx, axis=1)
+                kern.reduced(yy, state)
+                res[:, idx], conv[idx], n_iter[idx] = _solve(yy, state, trial, kern, opt, 0)
+
+        out_r = res[_R]
+        out_s0 = res[_A] / res[_B]
+        out_c = sy / n - out_s0 * res[_P0] / n if opt.offset else None
+        ss_res = (ss_tot if opt.offset else syy) - res[_G]
+        r2 = 1.0 - np.maximum(ss_res, 0.0) / ss_tot
+        t = 1.0 / out_r
+        good = conv & (out_r > 0) & (t >= opt.t_lo) & (t <= opt.t_hi) & (out_s0 > 0)
+    if not good.all():
+        fitted = reason == 0
+        reason[fitted & ~conv] = _NOCONV
+        reason[fitted & conv & ~(out_r > 0)] = _NODECAY
+        ok = reason == 0
+        reason[ok & ~((t >= opt.t_lo) & (t <= opt.t_hi))] = _RANGE
+        reason[(reason == 0) & ~(out_s0 > 0)] = _S0NEG
+        failed = (reason != 0) & (reason != _RANGE) & (reason != _S0NEG)
+        for arr in (t, out_s0, r2, *(() if out_c is None else (out_c,))):
+            arr[failed] = np.nan
+    return {
+        "t": t,
+        "s0": out_s0,
+        "offset": out_c,
+        "r2": r2,
+        "converged": conv,
+        "n_iter": n_iter,
+        "reason": reason,
+    }
+
+
+def fit_monoexp(
+    signal: np.ndarray,
+    times: Any,
+    *,
+    model: Model = "monoexp",
+    mask: np.ndarray | None = None,
+    t_range: tuple[float, float] = (1e-4, 10.0),
+    max_iter: int = 50,
+    tol: float = 1e-6,
+    n_threads: int = 1,
+    chunk_size: int = 8192,
+    dtype: type = np.float64,
+    progress: Callable[[int, int], None] | None = None,
+) -> MonoexpFit:
+    """Fit S(t) = S0 exp(-t/T) (``model="offset"``: + C) to every voxel of ``signal``.
+
+    signal: (..., n_times) array of any real dtype; times: n_times values in seconds.
+    mask: boolean array of shape ``signal.shape[:-1]``; voxels outside are not fitted.
+    t_range: plausible T (seconds); fitted T outside it are kept but flagged invalid.
+    tol: convergence when the next Newton step on R is below ``tol`` x max(|R|, 1/time span).
+    n_threads: threads fitting chunks of ``chunk_size`` voxels in parallel.
+    dtype: float dtype of the output maps (the fit itself is float64).
+    progress: called as progress(voxels_done, voxels_total) after each chunk.
+    """
+    if model not in ("monoexp", "offset"):
+        raise UsageError(f"unknown model {model!r}", fix="use 'monoexp' or 'offset'")
+    if n_threads < 1 or chunk_size < 1 or max_iter < 1 or not tol > 0:
+        raise UsageError(
+            f"n_threads={n_threads}, chunk_size={chunk_size}, max_iter={max_iter}, tol={tol}",
+            fix="n_threads, chunk_size and max_iter must be >= 1 and tol > 0",
+        )
+    lo, hi = (float(v) for v in t_range)
+    if not 0 <= lo < hi:
+        raise UsageError(f"t_range={t_range} is not an interval", fix="give (low, high) seconds")
+    sig = np.asarray(signal)
+    if sig.ndim < 1 or not np.issubdtype(sig.dtype, np.number) or np.iscomplexobj(sig):
+        raise InputError(f"signal must be a real numeric array, got {sig.dtype} {sig.shape}")
+    tk = _check_times(times, sig.shape[-1], model)
+    shape = sig.shape[:-1]
+    flat = sig.reshape(-1, tk.size)
+    n_vox = flat.shape[0]
+    if mask is None:
+        sel: np.ndarray | None = None
+        n_fit = n_vox
+    else:
+        m = np.asarray(mask)
+        if m.shape != shape:
+            raise InputError(f"mask shape {m.shape} differs from the image shape {shape}")
+        sel = np.flatnonzero(m.reshape(-1))
+        n_fit = sel.size
+    opt = _Options(tk, model == "offset", int(max_iter), float(tol), lo, hi)
+
+    out = {
+        "t": np.full(n_vox, np.nan, dtype=dtype),
+        "s0": np.full(n_vox, np.nan, dtype=dtype),
+        "offset": np.full(n_vox, np.nan, dtype=dtype) if opt.offset else None,
+        "r2": np.full(n_vox, np.nan, dtype=dtype),
+        "converged": np.zeros(n_vox, dtype=bool),
+        "n_iter": np.zeros(n_vox, dtype=np.int16),
+        "reason": np.full(n_vox, _OUTSIDE, dtype=np.uint8),
+    }
+    starts = range(0, n_fit, chunk_size)
+    done = [0]
+    lock = threading.Lock()
+
+    local = threading.local()  # one kernel (work buffers) per thread, reused for its chunks
+
+    def run(start: int) -> None:
+        stop = min(start + chunk_size, n_fit)
+        where = slice(start, stop) if sel is None else sel[start:stop]
+        kern = getattr(local, "kern", None)
+        if kern is None:
+            kern = local.kern = _Kernel(opt, min(chunk_size, n_fit))
+        block = kern.block(stop - start)
+        np.copyto(block, flat[where].T, casting="unsafe")
+        res = _fit_block(block, opt, kern)
+        for key, arr in res.items():
+            if arr is not None:
+                out[key][where] = arr
+        if progress is not None:
+            with lock:
+                done[0] += stop - start
+                progress(done[0], n_fit)
+
+    # the kernel's small matrix products must not spawn BLAS threads on top of ours
+    with threadpool_limits(limits=1, user_api="blas"):
+        if n_threads == 1 or len(starts) == 1:
+            for s in starts:
+                run(s)
+        else:
+            with ThreadPoolExecutor(max_workers=n_threads) as pool:
+                list(pool.map(run, starts))
+
+    reason = out["reason"]
+    counts = np.bincount(reason, minlength=len(REASONS))
+    n_valid = int(counts[0])
+    summary = {
+        "model": model,
+        "times_s": tk.tolist(),
+        "t_range_s": [lo, hi],
+        "n_voxels_fitted": int(n_fit),
+        "n_valid": n_valid,
+        "fraction_valid": n_valid / n_fit if n_fit else 0.0,
+        "reasons": {name: int(c) for name, c in zip(REASONS[1:], counts[1:], strict=True) if c},
+    }
+    return MonoexpFit(
+        t=out["t"].reshape(shape),
+        s0=out["s0"].reshape(shape),
+        offset=None if out["offset"] is None else out["offset"].reshape(shape),
+        r2=out["r2"].reshape(shape),
+        valid=(reason == 0).reshape(shape),
+        converged=out["converged"].reshape(shape),
+        n_iter=out["n_iter"].reshape(shape),
+        reason=reason.reshape(shape),
+        summary=summary,
+    )
