@@ -55,6 +55,7 @@ RUN groupadd --gid 1000 spineqprep \
 # Everything a run writes besides /out goes to /tmp (the default work dir is ./work = /tmp/work), so the
 # image runs with --read-only and a tmpfs on /tmp, as any user id; nothing is fetched at run time.
 ENV PATH=/opt/venv/bin:$PATH \
+    SPINEQPREP_CONTAINER=docker \
     LANG=C.UTF-8 \
     HOME=/tmp \
     TMPDIR=/tmp \

@@ -85,12 +85,13 @@ def _check_freeze(freeze: str) -> None:
     assert not extra, f"unpinned packages in the image: {sorted(extra)}"
 
 
-def _check_derivatives(out: Path) -> None:
+def _check_derivatives(out: Path, container: str) -> None:
     import nibabel as nib
     import numpy as np
 
     description = json.loads((out / "dataset_description.json").read_text())
     assert description.get("DatasetType") == "derivative", description
+    assert description["GeneratedBy"][0]["Container"]["Type"] == container, description
     for suffix in MAPS:
         maps = sorted(out.glob(f"sub-*/**/anat/*_{suffix}.nii.gz"))
         assert maps, f"no *_{suffix}.nii.gz under {out}: {sorted(p.name for p in out.rglob('*'))}"
@@ -308,7 +309,7 @@ def test_docker_bids_app_participant_and_group(engine: ch.DockerEngine, image: s
     mounts = (f"{data / 'bids'}:/bids:ro", f"{out}:/out")
     _docker_run(engine, "/bids", "/out", "participant", mounts=mounts,
                 log=logs / "docker-participant.log")
-    _check_derivatives(out)
+    _check_derivatives(out, "docker")
     after_participant = ch.tree_digest(out)
     _docker_run(engine, "/bids", "/out", "group", mounts=mounts, log=logs / "docker-group.log")
     assert set(ch.tree_digest(out)) - set(after_participant), "group level wrote nothing"
@@ -374,7 +375,7 @@ def test_singularity_bids_app_participant_and_group(chroot_image: Path, logs: Pa
     binds = (ch.Bind(data / "bids", "/bids", readonly=True), ch.Bind(out, "/out"))
     _chroot_container(chroot_image, "/bids", "/out", "participant", binds=binds,
                       log=logs / "singularity-participant.log")
-    _check_derivatives(out)
+    _check_derivatives(out, "singularity")
     after_participant = ch.tree_digest(out)
     _chroot_container(chroot_image, "/bids", "/out", "group", binds=binds,
                       log=logs / "singularity-group.log")

@@ -13,13 +13,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from spineqprep.bids.validate_derivatives import check_derivatives
 from spineqprep.bids.validator import run_bids_validator
 from spineqprep.cli.run import main
 from spineqprep.synth import generate_dataset
 
 MAPS = {"MESE": "T2map", "MESL": "T1rho", "MEGRE": "T2starmap"}
 DESC = {"T2map": "T2fit", "T1rho": "T1rhofit", "T2starmap": "T2starfit"}
-SERIES = re.compile(r"(sub-[^_]+(?:_ses-[^_]+)?_acq-[^_]+)_(?:echo|tsl)-1_(MESE|MESL|MEGRE)\.nii\.gz")
+SERIES = re.compile(
+    r"(sub-[^_]+(?:_ses-[^_]+)?_acq-[^_]+)_(?:echo|tsl)-1_(MESE|MESL|MEGRE)\.nii\.gz")
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -31,13 +33,12 @@ def tree_digest(root: Path) -> dict[str, str]:
 def expected_maps(raw: Path) -> list[tuple[Path, str]]:
     """(relative output path of the map, map suffix) for every series of the raw dataset."""
     out = []
-    for first in raw.rglob("*_MESE.nii.gz"), raw.rglob("*_MESL.nii.gz"), raw.rglob("*_MEGRE.nii.gz"):
-        for path in first:
+    for suffix in MAPS:
+        for path in raw.rglob(f"*_{suffix}.nii.gz"):
             match = SERIES.fullmatch(path.name)
             if match:
-                suffix = MAPS[match.group(2)]
-                rel = path.parent.relative_to(raw) / f"{match.group(1)}_{suffix}.nii.gz"
-                out.append((rel, suffix))
+                rel = path.parent.relative_to(raw) / f"{match.group(1)}_{MAPS[suffix]}.nii.gz"
+                out.append((rel, MAPS[suffix]))
     return sorted(out)
 
 
@@ -88,9 +89,22 @@ def test_raw_dataset_is_untouched(synth, processed) -> None:
     assert tree_digest(synth.raw_dir) == processed["before"]
 
 
-def test_derivatives_pass_the_bids_validator(processed) -> None:
+def test_derivatives_pass_the_bids_validator_and_our_check(processed) -> None:
     report = run_bids_validator(processed["out"])
     assert not report.errors, report.errors
+    assert check_derivatives(processed["out"]) == []
+
+
+def test_our_derivatives_check_catches_a_broken_map(processed, tmp_path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(processed["out"], copy)
+    sidecar = next(copy.rglob("*_T2map.json"))
+    meta = json.loads(sidecar.read_text())
+    meta["Units"] = "ms"
+    sidecar.write_text(json.dumps(meta))
+    next(copy.rglob("*_desc-T1rhofit_Rsquared.nii.gz")).unlink()
+    found = "\n".join(str(p) for p in check_derivatives(copy))
+    assert "Units is 'ms'" in found and "missing Rsquared" in found
 
 
 def test_whole_disc_means_match_the_truth(synth, processed) -> None:

@@ -7,6 +7,7 @@ go on. The exit code is non-zero when any subject failed.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -51,7 +52,7 @@ def run_participant(config: RunConfig) -> int:
         return 1
 
     write_dataset_description(config.output_dir, bids_dir=config.bids_dir,
-                              version=config.version)
+                              version=config.version, container=_container(config.version))
     for subject in subjects:
         config.save(log_dir(config, subject) / "spineqprep.toml")
     wf = init_spineqprep_wf(config, plans)
@@ -99,6 +100,12 @@ def _validate_dataset(config: RunConfig, subjects: list[str]) -> dict[str, list[
     if dataset_wide:
         raise_for_problems(dataset_wide)
     return by_subject
+
+
+def _container(version: str) -> dict[str, str] | None:
+    """GeneratedBy.Container of the derivatives: the images set SPINEQPREP_CONTAINER."""
+    kind = os.environ.get("SPINEQPREP_CONTAINER")
+    return {"Type": kind, "Tag": f"spineqprep:{version}"} if kind else None
 
 
 def _plan_subject(config: RunConfig, subject: str) -> SubjectPlan:

@@ -131,17 +131,19 @@ class _Options:
     t_hi: float
 
 
-# rows of the per-voxel state array of the solver
-_R, _G, _STEP, _A, _B, _P0 = range(6)
+# rows of the per-voxel state array of the solver: R, g(R), the next step on R, then the
+# sums over echoes <y, t^p e> (A, A1, A2), <e, t^p e> (B, B1, B2) and, for the offset model,
+# <1, t^p e> (P0, P1, P2); A and B end up centred for the offset model (S0 = A / B)
+_R, _G, _STEP, _A, _A1, _A2, _B, _B1, _B2, _P0, _P1, _P2 = range(12)
 
 
 class _Kernel:
     """Sums over echoes for a block of voxels, in reusable work buffers.
 
-    The sums over echoes of t^p x (per-echo product), p = 0, 1, 2, come from small matrix
-    products ``[1, t, t^2] @ products`` (BLAS, single-threaded by the caller), which read each
-    product once. Buffers are flat and carved into contiguous (rows, m) views, so a block
-    allocates no large temporaries.
+    The sums over echoes of t^p x (per-echo product), p = 0, 1, 2, come from one small matrix
+    product (block-diagonal ``[1, t, t^2]`` per product; BLAS, single-threaded by the caller)
+    written straight into the solver state. Buffers are flat and carved into contiguous
+    (rows, m) views, so a block allocates no large temporaries.
     """
 
     def __init__(self, opt: _Options, m_max: int):
@@ -149,10 +151,13 @@ class _Kernel:
         self.n = tk.size
         self.offset = opt.offset
         self.neg_t = -tk[:, None]
-        self.powers = np.stack([np.ones_like(tk), tk, tk * tk])  # (3, n): t^0, t^1, t^2
-        self.rows = 6 if opt.offset else 5  # rows of the solver state
-        self._work = np.empty(3 * self.n * m_max)
-        self._sums = np.empty(9 * m_max)
+        powers = np.stack([np.ones_like(tk), tk, tk * tk])  # (3, n): t^0, t^1, t^2
+        self.init_sums = np.kron(np.eye(2), powers)[:5]  # weights: t^0..t^2; weighted logs: t^0..t^1
+        self.k = 3 if opt.offset else 2  # products per echo: y e, e^2 (and e)
+        self.sums = np.kron(np.eye(self.k), powers)  # (3k, k n) block diagonal
+        self.rows = 3 + 3 * self.k
+        self._work = np.empty(self.k * self.n * m_max)
+        self._tmp = np.empty(6 * m_max)
         self._block = np.empty(self.n * m_max)
         self._states = (np.empty(self.rows * m_max), np.empty(self.rows * m_max))
 
@@ -177,11 +182,9 @@ class _Kernel:
         np.log(w, out=wlog)
         np.multiply(w, w, out=w)
         np.multiply(wlog, w, out=wlog)
-        sums = self._view(self._sums, 6, m)
-        p = self.powers
-        np.matmul(p, w, out=sums[0:3])
-        np.matmul(p[:2], wlog, out=sums[3:5])
-        np.matmul(p[:1], y, out=sums[5:6])
+        sums = self._view(self._tmp, 6, m)
+        np.matmul(self.init_sums, x, out=sums[:5])
+        np.matmul(self.init_sums[:1, :n], y, out=sums[5:])
         sw, st, stt, sl, stl, sy = sums
         r = (st * sl - sw * stl) / (sw * stt - st * st)
         # sum(y^2) is sum(w) unless some samples are <= 0 (NaN and inf propagate through w)
@@ -193,52 +196,58 @@ class _Kernel:
 
         The variable-projection cost is const - g(R), g = A^2 / B with A = <y, e>,
         B = |e|^2 (both centred for the offset model), e = exp(-R t). Rows written: g, the
-        step on R (Newton where the cost is convex there, Gauss-Newton elsewhere), A and B
-        (S0 = A / B) and sum(e) (offset model: C = mean(y) - S0 sum(e) / n).
+        step on R (Newton where the cost is convex there, Gauss-Newton elsewhere) and the
+        sums (S0 = A / B; offset model: C = mean(y) - S0 P0 / n).
         """
         n, m = y.shape
-        x = self._view(self._work, 3 * n, m)
-        ye, e2, e = x[:n], x[n : 2 * n], x[2 * n :]
+        x = self._view(self._work, self.k * n, m)
+        ye, e2 = x[:n], x[n : 2 * n]
+        e = x[2 * n :] if self.offset else e2  # monoexp: e is squared in place
         np.multiply(self.neg_t, state[_R], out=e)
         np.exp(e, out=e)
         np.multiply(y, e, out=ye)
         np.multiply(e, e, out=e2)
-        sums = self._view(self._sums, 9 if self.offset else 6, m)
-        np.matmul(self.powers, ye, out=sums[0:3])
-        np.matmul(self.powers, e2, out=sums[3:6])
-        if self.offset:
-            np.matmul(self.powers, e, out=sums[6:9])
-        a, a1, a2, b, b1, b2 = sums[:6]
-        c2 = b2
-        if self.offset:
-            p0, p1, p2 = sums[6:]
-            ybar = y.mean(0)
-            a = a - ybar * p0
-            a1 = a1 - ybar * p1
-            a2 = a2 - ybar * p2
-            b = b - p0 * p0 / n
-            b1 = b1 - p0 * p1 / n
-            c2 = b2 - p1 * p1 / n
-            b2 = b2 - (p1 * p1 + p0 * p2) / (2 * n)
-            state[_P0] = p0
-        # g' = 2 s0 (s0 b1 - a1); g''/2 = (a1^2 + a a2 + 2 (g' b1 - g b2)) / b = half / b
-        s0 = a / b
-        g = np.multiply(a, s0, out=state[_G])
-        dg = s0 * b1
-        dg -= a1
-        dg *= 2.0 * s0
-        half = a1 * a1
-        half += a * a2
-        half += 2.0 * (dg * b1 - g * b2)
-        step = np.divide(dg, half, out=state[_STEP])
-        step *= -0.5 * b
+        np.matmul(self.sums, x, out=state[_A:])
+        a, a1, a2, b, b1, b2 = state[_A : _B2 + 1]
+        s0, d, q, w, c2, tmp = self._view(self._tmp, 6, m)
+        if self.offset:  # centre A and B: the offset C is projected out too
+            p0, p1, p2 = state[_P0:]
+            ybar = np.mean(y, axis=0, out=tmp)
+            a -= ybar * p0
+            a1 -= ybar * p1
+            a2 -= ybar * p2
+            np.multiply(p1, p1, out=w)
+            np.divide(w, -n, out=c2)
+            c2 += b2  # Gauss-Newton: |de/dR|^2 centred
+            w += p0 * p2
+            w /= 2 * n
+            b2 -= w
+            b1 -= p0 * p1 / n
+            b -= p0 * p0 / n
+        else:
+            c2 = b2
+        # g' = -2 s0 d with d = A1 - s0 B1; b g''/2 = q^2 + A (A2 - 2 s0 B2), q = 2 s0 B1 - A1;
+        # Newton step -g'/g'' = A d / (b g''/2)
+        g, step = state[_G], state[_STEP]
+        np.divide(a, b, out=s0)
+        np.multiply(a, s0, out=g)
+        np.multiply(s0, b1, out=q)
+        np.subtract(a1, q, out=d)
+        q -= d
+        np.multiply(s0, b2, out=w)
+        w += w
+        np.subtract(a2, w, out=w)
+        w *= a
+        half = np.multiply(q, q, out=q)
+        half += w
+        np.multiply(a, d, out=step)
+        step /= half
         concave = half < 0  # g concave <=> cost convex: Newton step
         if not concave.all():
             # Gauss-Newton curvature of the cost: 2 s0^2 (c2 - b1^2 / b) >= 0
             bad = ~concave
-            step[bad] = dg[bad] / (2.0 * s0[bad] ** 2 * (c2[bad] - b1[bad] ** 2 / b[bad]))
-        state[_A] = a
-        state[_B] = b
+            sb = s0[bad]
+            step[bad] = -d[bad] / (sb * (c2[bad] - b1[bad] ** 2 / b[bad]))
 
 
 def _solve(
@@ -247,24 +256,30 @@ def _solve(
     """Levenberg-Marquardt iterations on R for the voxels (columns) of ``state``.
 
     ``state`` must hold a first evaluation; ``trial`` is a buffer of the same shape (both
-    are reused, the final state is returned). A converged voxel is
-    frozen (step 0, so re-evaluation reproduces it bit for bit); once fewer than half of the
-    voxels are still moving they are gathered into a smaller problem (recursively), so no
-    voxel's path depends on the others. Returns (final state, converged, iterations).
+    are reused, the final state is returned); the trial point, once accepted, is the next
+    iteration's evaluation. A converged voxel is frozen (step 0, so re-evaluation reproduces
+    it bit for bit); once fewer than half of the voxels are still moving they are gathered
+    into a smaller problem (recursively), so no voxel's path depends on the others.
+    Returns (final state, converged, iterations).
     """
     m = state.shape[1]
     r_scale = 1.0 / float(opt.times.max() - opt.times.min())  # "slow" R on the sampled span
     conv = np.zeros(m, dtype=bool)
     n_iter = np.full(m, it, dtype=np.int16)
     active = np.ones(m, dtype=bool)
+    frozen = False  # some voxels converged but stay in this problem: their steps are zeroed
+    cap, neg_cap = np.empty(m), np.empty(m)
     lam = None  # Levenberg-Marquardt damping, allocated at the first rejected step
     while True:
         r, step, g = state[_R], state[_STEP], state[_G]
-        small = np.abs(step) <= opt.tol * np.maximum(np.abs(r), r_scale)
-        newly = active & small if it < opt.max_iter else active
+        np.abs(r, out=cap)
+        np.maximum(cap, r_scale, out=cap)  # |step| <= max(|R|, r_scale)
+        small = np.abs(step) <= np.multiply(cap, opt.tol, out=neg_cap)
+        newly = active if it >= opt.max_iter else (small if not frozen else active & small)
         if newly.any():
             conv |= newly & small
             active &= ~newly
+            frozen = True
             n_active = np.count_nonzero(active)
             if n_active == 0:
                 break
@@ -281,13 +296,15 @@ def _solve(
         n_iter += active
         it += 1
         rt = trial[_R]
-        cap = np.maximum(np.abs(r), r_scale)  # |step| <= max(|R|, r_scale)
-        np.clip(step if lam is None else step / (1.0 + lam), -cap, cap, out=rt)
-        rt *= active
+        np.negative(cap, out=neg_cap)
+        np.clip(step if lam is None else step / (1.0 + lam), neg_cap, cap, out=rt)
+        if frozen:
+            rt *= active
         rt += r
         kern.reduced(y, trial)
-        acc = trial[_G] >= g - 1e-13 * np.abs(g)
-        acc |= ~active
+        acc = trial[_G] >= g * (1.0 - 1e-13)  # g >= 0
+        if frozen:
+            acc |= ~active
         if lam is None and acc.all():
             state, trial = trial, state
             continue

@@ -281,8 +281,9 @@ def _write_truth_grid(truth: Path, entities: Mapping[str, Any], affine: np.ndarr
                        truth / build_path({**entities, "desc": "tissues"}, "dseg", ".nii.gz"))
     path = truth / build_path(entities, "PDmap", ".nii.gz")
     atomic_write_nifti(_nifti(maps["PD"], affine), path)
-    atomic_write_json({"Units": "1", "SkullStripped": False, "Description": "Proton density relative to water: the "
-                       "signal at t = 0 of every series on this grid is Gain x PD."},
+    atomic_write_json({"Units": "1", "SkullStripped": False,
+                       "Description": "Proton density relative to water: the signal at t = 0 "
+                       "of every series on this grid is Gain x PD."},
                       path.with_name(path.name.replace(".nii.gz", ".json")))
 
 
