@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import logging
+import multiprocessing
+import os
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import nibabel as nib
@@ -11,8 +15,8 @@ import numpy as np
 import pytest
 from scipy.optimize import OptimizeWarning, curve_fit
 
-from spineqprep.errors import InputError, UsageError
-from spineqprep.relaxometry import REASONS, crlb_monoexp, fit_images, fit_monoexp
+from spineqprep.errors import InputError, SpineqprepError, UsageError
+from spineqprep.relaxometry import REASONS, crlb_monoexp, fit_images, fit_monoexp, monoexp
 
 T2PREP = np.array([0.0, 12.0, 25.0, 51.0]) / 1000
 UTE = np.array([0.248, 5.2, 10.2, 15.2, 20.2, 25.2]) / 1000
@@ -135,21 +139,110 @@ def test_not_converged_is_flagged():
     assert np.isnan(fit.t).all()
 
 
-def test_chunks_threads_and_shape_identical():
+def test_chunks_and_shape_identical():
     y, _ = _synth(5000, UTE, 0.019, 0.005, snr=30, seed=7)
     y[17] = np.nan
     y[99] = 1.0
     ref = fit_monoexp(y, UTE)
     for kw in ({"chunk_size": 333}, {"chunk_size": 1000, "n_threads": 2}, {"chunk_size": 1}):
         fit = fit_monoexp(y, UTE, **kw)
+        assert fit.summary["n_workers"] == 1  # 5 chunks: too few to fork workers for
         for key in ("reason", "n_iter", "converged", "valid"):
             np.testing.assert_array_equal(getattr(fit, key), getattr(ref, key), err_msg=key)
         # same iterations, same numbers: BLAS edge kernels may differ in the last bit only
         for key in ("t", "s0", "r2"):
             np.testing.assert_allclose(getattr(fit, key), getattr(ref, key), rtol=1e-13)
-    vol = fit_monoexp(y.reshape(10, 25, 20, 6), UTE, chunk_size=777, n_threads=2)
+    vol = fit_monoexp(y.reshape(10, 25, 20, 6), UTE, chunk_size=777)
     np.testing.assert_allclose(vol.t.ravel(), ref.t, rtol=1e-13)
     assert vol.t.shape == (10, 25, 20)
+
+
+MAPS = ("t", "s0", "offset", "r2", "valid", "converged", "n_iter", "reason")
+
+
+def _workers_case(model: str = "monoexp", masked: bool = False):
+    """40+ chunks of 256 voxels (enough for 2 workers) with a few failing voxels."""
+    y, _ = _synth(12_000, UTE, 0.019, 0.005, snr=30, seed=5)
+    y[17] = np.nan
+    y[4321] = -y[4321]
+    mask = (np.arange(12_000) % 7 != 3).reshape(100, 120) if masked else None
+    return y.reshape(100, 120, UTE.size), {"model": model, "mask": mask, "chunk_size": 256}
+
+
+def _assert_same_maps(fit, ref):
+    for key in MAPS:
+        a, b = getattr(fit, key), getattr(ref, key)
+        assert (a is None) == (b is None), key
+        if a is not None:
+            assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), key  # bit for bit
+
+
+@pytest.mark.parametrize(("model", "masked"), [("monoexp", False), ("offset", True)])
+def test_workers_bitwise_equal_to_serial(model, masked):
+    y, kw = _workers_case(model, masked)
+    ref = fit_monoexp(y, UTE, **kw)
+    calls = []
+    fit = fit_monoexp(y, UTE, n_threads=2, progress=lambda d, n: calls.append((d, n)), **kw)
+    assert fit.summary["n_workers"] == 2 and ref.summary["n_workers"] == 1
+    _assert_same_maps(fit, ref)
+    assert fit.summary == {**ref.summary, "n_workers": 2}
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and calls[-1] == (ref.summary["n_voxels_fitted"],) * 2
+
+
+def _fit_in_pool_worker() -> tuple:
+    y, kw = _workers_case()
+    fit = fit_monoexp(y, UTE, n_threads=2, **kw)
+    return fit, len(multiprocessing.active_children())
+
+
+def test_workers_inside_a_process_pool_worker():
+    # Nipype MultiProc runs interfaces in ProcessPoolExecutor workers (non-daemonic)
+    with ProcessPoolExecutor(1) as pool:
+        fit, left = pool.submit(_fit_in_pool_worker).result()
+    assert fit.summary["n_workers"] == 2 and left == 0
+    y, kw = _workers_case()
+    _assert_same_maps(fit, fit_monoexp(y, UTE, **kw))
+
+
+def _fit_in_daemon(_: int) -> int:
+    y, kw = _workers_case()
+    return fit_monoexp(y, UTE, n_threads=2, **kw).summary["n_workers"]
+
+
+def test_workers_fall_back_to_serial(monkeypatch, caplog):
+    # a daemonic process (multiprocessing.Pool worker) may not have children
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.map(_fit_in_daemon, [0]) == [1]
+    y, kw = _workers_case()
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    with caplog.at_level(logging.WARNING, logger="spineqprep.relaxometry.monoexp"):
+        fit = fit_monoexp(y, UTE, n_threads=2, **kw)
+    assert fit.summary["n_workers"] == 1 and "cannot fork" in caplog.text
+
+
+def test_worker_errors_surface_and_leave_nothing(monkeypatch):
+    y, kw = _workers_case()
+    parent = os.getpid()
+    fit_block = monoexp._fit_block
+
+    def failing(block, opt, kern):
+        if os.getpid() != parent:
+            raise RuntimeError("boom in a worker")
+        return fit_block(block, opt, kern)
+
+    monkeypatch.setattr(monoexp, "_fit_block", failing)
+    with pytest.raises(RuntimeError, match="boom in a worker"):
+        fit_monoexp(y, UTE, n_threads=2, **kw)
+    assert multiprocessing.active_children() == [] and monoexp._FORKED_JOBS == {}
+
+    def dying(block, opt, kern):  # a worker killed (e.g. out of memory)
+        os._exit(9)
+
+    monkeypatch.setattr(monoexp, "_fit_block", dying)
+    with pytest.raises(SpineqprepError, match="worker process died"):
+        fit_monoexp(y, UTE, n_threads=2, **kw)
+    assert multiprocessing.active_children() == [] and monoexp._FORKED_JOBS == {}
 
 
 def test_mask_and_progress():

@@ -12,12 +12,18 @@ One least-squares problem per voxel, solved for all voxels of a chunk at once wi
    Gauss-Newton curvature otherwise; a step that raises the cost is rejected and damped.
 
 Working in R keeps "no decay" (R <= 0) a finite point of the search instead of T = inf.
-Voxels are fitted in chunks of ``chunk_size`` (work buffers reused per thread: intermediates
-stay in cache, memory stays bounded); a thread pool fits chunks in parallel (numpy releases the
-GIL inside its loops) and BLAS is held to one thread meanwhile, so ``n_threads`` is the number
-of cores used. Converged voxels are frozen and, once fewer than half still move, the rest are
-gathered into a smaller problem: a voxel's result does not depend on its neighbours in the
-chunk (chunking and threads change results by at most an ulp of BLAS rounding).
+Voxels are fitted in chunks of ``chunk_size`` (work buffers reused: intermediates stay in
+cache, memory stays bounded). Converged voxels are frozen and, once fewer than half still
+move, the rest are gathered into a smaller problem: a voxel's result does not depend on its
+neighbours in the chunk (other chunk sizes change results by at most an ulp of BLAS rounding).
+
+``n_threads > 1`` forks that many worker processes which take batches of chunks: the signal
+is shared copy-on-write, the output maps live in anonymous shared memory, so only chunk
+indices travel. Processes rather than threads: about 14 % of each chunk is Python code
+holding the GIL, and threads on two vCPUs were measured no faster than one. Every worker
+fits the same chunks with the same code, so the maps are bit-for-bit those of the serial
+fit. BLAS is held to one thread throughout (its small matrix products would otherwise
+spawn threads on top of the workers).
 
 Nothing is clipped: a voxel whose fit fails or leaves the plausible range keeps ``valid``
 False with a reason code (``REASONS``), and its T is NaN where no finite estimate exists.
@@ -25,16 +31,20 @@ False with a reason code (``REASONS``), and its T is NaN where no finite estimat
 
 from __future__ import annotations
 
-import threading
+import logging
+import mmap
+import multiprocessing
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from spineqprep.errors import InputError, UsageError
+from spineqprep.errors import InputError, SpineqprepError, UsageError
 
 __all__ = ["REASONS", "MonoexpFit", "crlb_monoexp", "fit_monoexp"]
 
@@ -53,6 +63,9 @@ REASONS: tuple[str, ...] = (
 _OUTSIDE, _NONFINITE, _NONPOS, _FLAT, _NOCONV, _NODECAY, _RANGE, _S0NEG = range(1, 9)
 
 Model = Literal["monoexp", "offset"]
+Progress = Callable[[int, int], None]
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -152,7 +165,7 @@ class _Kernel:
         self.offset = opt.offset
         self.neg_t = -tk[:, None]
         powers = np.stack([np.ones_like(tk), tk, tk * tk])  # (3, n): t^0, t^1, t^2
-        self.init_sums = np.kron(np.eye(2), powers)[:5]  # weights: t^0..t^2; weighted logs: t^0..t^1
+        self.init_sums = np.kron(np.eye(2), powers)[:5]  # w: t^0..t^2; w log: t^0, t^1
         self.k = 3 if opt.offset else 2  # products per echo: y e, e^2 (and e)
         self.sums = np.kron(np.eye(self.k), powers)  # (3k, k n) block diagonal
         self.rows = 3 + 3 * self.k
@@ -375,6 +388,106 @@ def _fit_block(y: np.ndarray, opt: _Options, kern: _Kernel) -> dict[str, np.ndar
     }
 
 
+@dataclass
+class _Job:
+    """One call's voxels, options and output maps; ``fit_chunk(i)`` fits chunk i in place.
+
+    The kernel (work buffers) is created on first use in each process, so forked workers
+    build their own and reuse it for all their chunks.
+    """
+
+    flat: np.ndarray  # (n_voxels, n_times) signal, any real dtype
+    sel: np.ndarray | None  # indices of the voxels to fit (None: all)
+    opt: _Options
+    out: dict[str, np.ndarray | None]  # (n_voxels,) maps, written chunk by chunk
+    chunk_size: int
+    n_fit: int
+    kernel: _Kernel | None = None
+
+    def fit_chunk(self, i: int) -> int:
+        """Fit the i-th chunk of ``chunk_size`` voxels; returns its number of voxels."""
+        start = i * self.chunk_size
+        stop = min(start + self.chunk_size, self.n_fit)
+        where = slice(start, stop) if self.sel is None else self.sel[start:stop]
+        if self.kernel is None:
+            self.kernel = _Kernel(self.opt, min(self.chunk_size, self.n_fit))
+        block = self.kernel.block(stop - start)
+        np.copyto(block, self.flat[where].T, casting="unsafe")
+        for key, arr in _fit_block(block, self.opt, self.kernel).items():
+            if arr is not None:
+                self.out[key][where] = arr
+        return stop - start
+
+
+#: Jobs of the running process-parallel fits, by id: set before the workers are forked, so
+#: they inherit the job (signal copy-on-write, outputs in shared memory) and get only indices
+_FORKED_JOBS: dict[int, _Job] = {}
+#: a worker costs a fork (~10 ms with the pool start-up): below this many chunks per worker
+#: (~1 ms each) it does not pay
+_MIN_CHUNKS_PER_WORKER = 16
+#: chunks are sent to the workers in batches, about this many per worker: few messages, and
+#: a worker slowed by other load leaves at most one batch for the end
+_BATCHES_PER_WORKER = 16
+
+
+def _fit_forked_chunk(key: int, i: int) -> int:
+    return _FORKED_JOBS[key].fit_chunk(i)
+
+
+def _n_workers(n_threads: int, n_chunks: int) -> int:
+    """Worker processes to use: 1 (serial) when forking is impossible or does not pay."""
+    workers = min(n_threads, n_chunks // _MIN_CHUNKS_PER_WORKER)
+    if workers <= 1:
+        if n_threads > 1:
+            _log.debug(
+                "%d chunks: fitting serially (a worker needs %d chunks to pay off)",
+                n_chunks,
+                _MIN_CHUNKS_PER_WORKER,
+            )
+        return 1
+    if "fork" not in multiprocessing.get_all_start_methods():
+        _log.warning("n_threads=%d: this platform cannot fork; fitting serially", n_threads)
+        return 1
+    if multiprocessing.current_process().daemon:
+        _log.warning(
+            "n_threads=%d: daemonic processes cannot have children; fitting serially", n_threads
+        )
+        return 1
+    return workers
+
+
+def _shared_empty(n: int, dtype: Any) -> np.ndarray:
+    """An (n,) array in anonymous shared memory (MAP_SHARED, zero-filled by the kernel).
+
+    Forked workers write into it and the parent sees the writes; the mapping has no name,
+    so nothing can be left behind: it is unmapped when the last process drops it.
+    """
+    dt = np.dtype(dtype)
+    return np.frombuffer(mmap.mmap(-1, max(n * dt.itemsize, 1)), dtype=dt, count=n)
+
+
+def _run_forked(job: _Job, n_chunks: int, workers: int, progress: Progress | None) -> None:
+    """Fit all chunks of ``job`` in ``workers`` forked processes; worker errors re-raise here."""
+    key = id(job)
+    _FORKED_JOBS[key] = job
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    try:
+        batch = max(1, n_chunks // (workers * _BATCHES_PER_WORKER))
+        done = 0
+        for n in pool.map(partial(_fit_forked_chunk, key), range(n_chunks), chunksize=batch):
+            done += n
+            if progress is not None:
+                progress(done, job.n_fit)
+    except BrokenProcessPool as err:
+        raise SpineqprepError(
+            f"a fitting worker process died ({err})",
+            fix="it was probably killed for lack of memory: use fewer threads (--omp-nthreads)",
+        ) from err
+    finally:
+        pool.shutdown(cancel_futures=True)
+        del _FORKED_JOBS[key]
+
+
 def fit_monoexp(
     signal: np.ndarray,
     times: Any,
@@ -387,7 +500,7 @@ def fit_monoexp(
     n_threads: int = 1,
     chunk_size: int = 8192,
     dtype: type = np.float64,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> MonoexpFit:
     """Fit S(t) = S0 exp(-t/T) (``model="offset"``: + C) to every voxel of ``signal``.
 
@@ -395,7 +508,11 @@ def fit_monoexp(
     mask: boolean array of shape ``signal.shape[:-1]``; voxels outside are not fitted.
     t_range: plausible T (seconds); fitted T outside it are kept but flagged invalid.
     tol: convergence when the next Newton step on R is below ``tol`` x max(|R|, 1/time span).
-    n_threads: threads fitting chunks of ``chunk_size`` voxels in parallel.
+    n_threads: cores to use, as worker processes forked to fit chunks of ``chunk_size``
+    voxels (serial when there are fewer than 16 chunks per worker or forking is impossible).
+    The results do not depend on it: every worker fits the same chunks the same way. With
+    workers the returned maps live in anonymous shared memory (a process forked later
+    shares them instead of copying them on write).
     dtype: float dtype of the output maps (the fit itself is float64).
     progress: called as progress(voxels_done, voxels_total) after each chunk.
     """
@@ -426,51 +543,41 @@ def fit_monoexp(
         sel = np.flatnonzero(m.reshape(-1))
         n_fit = sel.size
     opt = _Options(tk, model == "offset", int(max_iter), float(tol), lo, hi)
+    n_chunks = -(-n_fit // chunk_size)
+    workers = _n_workers(n_threads, n_chunks)
+
+    def maps(fill: Any, dt: Any) -> np.ndarray:
+        arr = _shared_empty(n_vox, dt) if workers > 1 else np.empty(n_vox, dt)
+        if sel is not None:  # voxels outside the mask keep the fill; chunks write all others
+            arr.fill(fill)
+        return arr
 
     out = {
-        "t": np.full(n_vox, np.nan, dtype=dtype),
-        "s0": np.full(n_vox, np.nan, dtype=dtype),
-        "offset": np.full(n_vox, np.nan, dtype=dtype) if opt.offset else None,
-        "r2": np.full(n_vox, np.nan, dtype=dtype),
-        "converged": np.zeros(n_vox, dtype=bool),
-        "n_iter": np.zeros(n_vox, dtype=np.int16),
-        "reason": np.full(n_vox, _OUTSIDE, dtype=np.uint8),
+        "t": maps(np.nan, dtype),
+        "s0": maps(np.nan, dtype),
+        "offset": maps(np.nan, dtype) if opt.offset else None,
+        "r2": maps(np.nan, dtype),
+        "converged": maps(False, bool),
+        "n_iter": maps(0, np.int16),
+        "reason": maps(_OUTSIDE, np.uint8),
     }
-    starts = range(0, n_fit, chunk_size)
-    done = [0]
-    lock = threading.Lock()
-
-    local = threading.local()  # one kernel (work buffers) per thread, reused for its chunks
-
-    def run(start: int) -> None:
-        stop = min(start + chunk_size, n_fit)
-        where = slice(start, stop) if sel is None else sel[start:stop]
-        kern = getattr(local, "kern", None)
-        if kern is None:
-            kern = local.kern = _Kernel(opt, min(chunk_size, n_fit))
-        block = kern.block(stop - start)
-        np.copyto(block, flat[where].T, casting="unsafe")
-        res = _fit_block(block, opt, kern)
-        for key, arr in res.items():
-            if arr is not None:
-                out[key][where] = arr
-        if progress is not None:
-            with lock:
-                done[0] += stop - start
-                progress(done[0], n_fit)
-
-    # the kernel's small matrix products must not spawn BLAS threads on top of ours
+    job = _Job(flat, sel, opt, out, chunk_size, n_fit)
+    # the kernel's small matrix products must not spawn BLAS threads: one core per worker
+    # (forked workers inherit the limit)
     with threadpool_limits(limits=1, user_api="blas"):
-        if n_threads == 1 or len(starts) == 1:
-            for s in starts:
-                run(s)
+        if workers > 1:
+            _run_forked(job, n_chunks, workers, progress)
         else:
-            with ThreadPoolExecutor(max_workers=n_threads) as pool:
-                list(pool.map(run, starts))
+            done = 0
+            for i in range(n_chunks):
+                done += job.fit_chunk(i)
+                if progress is not None:
+                    progress(done, n_fit)
 
     reason = out["reason"]
-    counts = np.bincount(reason, minlength=len(REASONS))
-    n_valid = int(counts[0])
+    valid = reason == 0
+    n_valid = int(np.count_nonzero(valid))
+    counts = np.bincount(reason[~valid], minlength=len(REASONS))  # few voxels, usually
     summary = {
         "model": model,
         "times_s": tk.tolist(),
@@ -479,13 +586,14 @@ def fit_monoexp(
         "n_valid": n_valid,
         "fraction_valid": n_valid / n_fit if n_fit else 0.0,
         "reasons": {name: int(c) for name, c in zip(REASONS[1:], counts[1:], strict=True) if c},
+        "n_workers": workers,
     }
     return MonoexpFit(
         t=out["t"].reshape(shape),
         s0=out["s0"].reshape(shape),
         offset=None if out["offset"] is None else out["offset"].reshape(shape),
         r2=out["r2"].reshape(shape),
-        valid=(reason == 0).reshape(shape),
+        valid=valid.reshape(shape),
         converged=out["converged"].reshape(shape),
         n_iter=out["n_iter"].reshape(shape),
         reason=reason.reshape(shape),

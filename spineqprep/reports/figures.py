@@ -91,6 +91,12 @@ def _extent(affine: np.ndarray, shape: tuple[int, ...]) -> tuple[float, float, f
     return (y0 + (shape[1] - 0.5) * dy, y0 - dy / 2, z0 - dz / 2, z0 + (shape[2] - 0.5) * dz)
 
 
+#: Upper end of the colour scale per quantity (ms): the published inclusion limits for disc
+#: T2 and T1rho (METHODS.md, section 1) and twice the published endplate T2* mean, so that the
+#: tissues of interest, not the long-T2 spinal canal, set the contrast; same for every subject.
+DISPLAY_MAX_MS = {"T2": 150.0, "T1ρ": 200.0, "T1rho": 200.0, "T2*": 40.0}
+
+
 def _robust_range(values: np.ndarray, low: float, high: float) -> tuple[float, float]:
     finite = values[np.isfinite(values)]
     if finite.size == 0:
@@ -131,7 +137,7 @@ def plot_map_figure(views: MapViews, out_path: Path, *, quantity: str,
     axes, cbar_axes = grid[:, :-1], grid[:, -1]  # a colour-bar column keeps the rows aligned
     bg = views.background if views.background is not None else np.zeros(shape, np.float32)
     bg_lo, bg_hi = _robust_range(bg[bg > 0] if np.any(bg > 0) else bg, 1, 99.5)
-    map_hi = _robust_range(views.map_ms, 1, 99)[1]
+    map_hi = DISPLAY_MAX_MS.get(quantity) or _robust_range(views.map_ms, 1, 99)[1]
     common = {"origin": "upper", "extent": extent, "interpolation": "nearest"}
     images = {}
     for col, i in enumerate(slices):
