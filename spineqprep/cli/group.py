@@ -31,7 +31,7 @@ def run_group(config: RunConfig) -> int:
         )
     table = config.output_dir / "group" / "desc-summary_maps.tsv"
     atomic_write_text(summary.to_csv(sep="\t", index=False, na_rep="n/a"), table)
-    report = build_group_report(config.output_dir, summary)
+    report = build_group_report(config.output_dir, summary, bids_dir=config.bids_dir)
     n_subjects = summary["participant_id"].nunique()
     print(f"spineqprep: group summary of {n_subjects} participant(s): {table}, {report}")
     return 0

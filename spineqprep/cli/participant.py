@@ -189,7 +189,8 @@ class _Progress:
         self.done += 1
         where = node.fullname.split(".")[1:-1]
         subject = where[0].removesuffix("_wf").replace("_", "-", 1)
-        what = where[-1].removesuffix("_wf").replace("_acq_", " acq-") if len(where) > 1 else ""
+        what = where[-1].removesuffix("_wf") if len(where) > 1 else ""
+        what = re.sub(r"^ses_([A-Za-z0-9]+)_", r"ses-\1 ", what).replace("_acq_", " acq-")
         result = _STEPS[step] if status == "end" else "FAILED"
         LOG.info("[%d/%d] %s: %s", self.done, self.total, subject, f"{what} {result}".strip())
 

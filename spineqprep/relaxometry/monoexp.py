@@ -34,11 +34,11 @@ from __future__ import annotations
 import logging
 import mmap
 import multiprocessing
+import traceback
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from functools import partial
+from multiprocessing import connection
+from multiprocessing.connection import Connection
 from typing import Any, Literal
 
 import numpy as np
@@ -144,18 +144,17 @@ class _Options:
     t_hi: float
 
 
-# rows of the per-voxel state array of the solver: R, g(R), the next step on R, then the
-# sums over echoes <y, t^p e> (A, A1, A2), <e, t^p e> (B, B1, B2) and, for the offset model,
-# <1, t^p e> (P0, P1, P2); A and B end up centred for the offset model (S0 = A / B)
-_R, _G, _STEP, _A, _A1, _A2, _B, _B1, _B2, _P0, _P1, _P2 = range(12)
+# rows of the per-voxel state array of the solver: R, g(R), the next step on R, S0 at R
+# and, for the offset model, P0 = sum(e) (C = mean(y) - S0 P0 / n)
+_R, _G, _STEP, _S0, _P0 = range(5)
 
 
 class _Kernel:
     """Sums over echoes for a block of voxels, in reusable work buffers.
 
     The sums over echoes of t^p x (per-echo product), p = 0, 1, 2, come from one small matrix
-    product (block-diagonal ``[1, t, t^2]`` per product; BLAS, single-threaded by the caller)
-    written straight into the solver state. Buffers are flat and carved into contiguous
+    product (block-diagonal ``[1, t, t^2]``, one block per product; BLAS, single-threaded by
+    the caller), which reads each product once. Buffers are flat and carved into contiguous
     (rows, m) views, so a block allocates no large temporaries.
     """
 
@@ -168,9 +167,10 @@ class _Kernel:
         self.init_sums = np.kron(np.eye(2), powers)[:5]  # w: t^0..t^2; w log: t^0, t^1
         self.k = 3 if opt.offset else 2  # products per echo: y e, e^2 (and e)
         self.sums = np.kron(np.eye(self.k), powers)  # (3k, k n) block diagonal
-        self.rows = 3 + 3 * self.k
+        self.rows = 5 if opt.offset else 4  # rows of the solver state
         self._work = np.empty(self.k * self.n * m_max)
-        self._tmp = np.empty(6 * m_max)
+        self._sums = np.empty(3 * self.k * m_max)
+        self._tmp = np.empty(4 * m_max)
         self._block = np.empty(self.n * m_max)
         self._states = (np.empty(self.rows * m_max), np.empty(self.rows * m_max))
 
@@ -195,11 +195,15 @@ class _Kernel:
         np.log(w, out=wlog)
         np.multiply(w, w, out=w)
         np.multiply(wlog, w, out=wlog)
-        sums = self._view(self._tmp, 6, m)
+        sums = self._view(self._sums, 6, m)
         np.matmul(self.init_sums, x, out=sums[:5])
         np.matmul(self.init_sums[:1, :n], y, out=sums[5:])
         sw, st, stt, sl, stl, sy = sums
-        r = (st * sl - sw * stl) / (sw * stt - st * st)
+        r = st * sl
+        r -= sw * stl
+        den = sw * stt
+        den -= st * st
+        r /= den
         # sum(y^2) is sum(w) unless some samples are <= 0 (NaN and inf propagate through w)
         syy = sw.copy() if (y > 0).all() else np.einsum("km,km->m", y, y)
         return r, sy.copy(), syy
@@ -209,8 +213,8 @@ class _Kernel:
 
         The variable-projection cost is const - g(R), g = A^2 / B with A = <y, e>,
         B = |e|^2 (both centred for the offset model), e = exp(-R t). Rows written: g, the
-        step on R (Newton where the cost is convex there, Gauss-Newton elsewhere) and the
-        sums (S0 = A / B; offset model: C = mean(y) - S0 P0 / n).
+        step on R (Newton where the cost is convex there, Gauss-Newton elsewhere), S0 = A / B
+        and, for the offset model, P0 = sum(e).
         """
         n, m = y.shape
         x = self._view(self._work, self.k * n, m)
@@ -220,12 +224,15 @@ class _Kernel:
         np.exp(e, out=e)
         np.multiply(y, e, out=ye)
         np.multiply(e, e, out=e2)
-        np.matmul(self.sums, x, out=state[_A:])
-        a, a1, a2, b, b1, b2 = state[_A : _B2 + 1]
-        s0, d, q, w, c2, tmp = self._view(self._tmp, 6, m)
+        sums = self._view(self._sums, 3 * self.k, m)
+        np.matmul(self.sums, x, out=sums)
+        # A_p = <y, t^p e>, B_p = <e, t^p e>: A_p' = -A_{p+1}, B_p' = -2 B_{p+1}
+        a, a1, a2, b, b1, b2 = sums[:6]
+        d, q, w, c2 = self._view(self._tmp, 4, m)
         if self.offset:  # centre A and B: the offset C is projected out too
-            p0, p1, p2 = state[_P0:]
-            ybar = np.mean(y, axis=0, out=tmp)
+            p0, p1, p2 = sums[6:]
+            state[_P0] = p0
+            ybar = y.mean(axis=0)
             a -= ybar * p0
             a1 -= ybar * p1
             a2 -= ybar * p2
@@ -239,9 +246,9 @@ class _Kernel:
             b -= p0 * p0 / n
         else:
             c2 = b2
-        # g' = -2 s0 d with d = A1 - s0 B1; b g''/2 = q^2 + A (A2 - 2 s0 B2), q = 2 s0 B1 - A1;
-        # Newton step -g'/g'' = A d / (b g''/2)
-        g, step = state[_G], state[_STEP]
+        # g' = -2 S0 d with d = A1 - S0 B1; B g''/2 = q^2 + A (A2 - 2 S0 B2), q = 2 S0 B1 - A1;
+        # the Newton step -g'/g'' is A d / (B g''/2)
+        g, step, s0 = state[_G], state[_STEP], state[_S0]
         np.divide(a, b, out=s0)
         np.multiply(a, s0, out=g)
         np.multiply(s0, b1, out=q)
@@ -257,10 +264,9 @@ class _Kernel:
         step /= half
         concave = half < 0  # g concave <=> cost convex: Newton step
         if not concave.all():
-            # Gauss-Newton curvature of the cost: 2 s0^2 (c2 - b1^2 / b) >= 0
+            # Gauss-Newton curvature of the cost: 2 S0^2 (c2 - B1^2 / B) >= 0
             bad = ~concave
-            sb = s0[bad]
-            step[bad] = -d[bad] / (sb * (c2[bad] - b1[bad] ** 2 / b[bad]))
+            step[bad] = -d[bad] / (s0[bad] * (c2[bad] - b1[bad] ** 2 / b[bad]))
 
 
 def _solve(
@@ -281,13 +287,13 @@ def _solve(
     n_iter = np.full(m, it, dtype=np.int16)
     active = np.ones(m, dtype=bool)
     frozen = False  # some voxels converged but stay in this problem: their steps are zeroed
-    cap, neg_cap = np.empty(m), np.empty(m)
+    cap, lower = np.empty(m), np.empty(m)
     lam = None  # Levenberg-Marquardt damping, allocated at the first rejected step
     while True:
         r, step, g = state[_R], state[_STEP], state[_G]
         np.abs(r, out=cap)
-        np.maximum(cap, r_scale, out=cap)  # |step| <= max(|R|, r_scale)
-        small = np.abs(step) <= np.multiply(cap, opt.tol, out=neg_cap)
+        np.maximum(cap, r_scale, out=cap)  # steps are capped to [-cap, cap]
+        small = np.abs(step) <= np.multiply(cap, opt.tol, out=lower)
         newly = active if it >= opt.max_iter else (small if not frozen else active & small)
         if newly.any():
             conv |= newly & small
@@ -309,8 +315,8 @@ def _solve(
         n_iter += active
         it += 1
         rt = trial[_R]
-        np.negative(cap, out=neg_cap)
-        np.clip(step if lam is None else step / (1.0 + lam), neg_cap, cap, out=rt)
+        np.negative(cap, out=lower)
+        np.clip(step if lam is None else step / (1.0 + lam), lower, cap, out=rt)
         if frozen:
             rt *= active
         rt += r
@@ -336,23 +342,23 @@ def _fit_block(y: np.ndarray, opt: _Options, kern: _Kernel) -> dict[str, np.ndar
     with np.errstate(all="ignore"):
         r, sy, syy = kern.init(y)
         ss_tot = syy - sy * sy / n
-        fittable = np.isfinite(syy) & (sy > 0) & (ss_tot > 1e-12 * syy)
-        whole = bool(fittable.all())
-        if not whole:
-            reason[~fittable] = _FLAT
-            reason[~(sy > 0)] = _NONPOS
-            reason[~np.isfinite(syy)] = _NONFINITE
-        r[~np.isfinite(r)] = 1.0 / float(tk.max() - tk.min())
-        idx = np.flatnonzero(fittable)
-        if whole:
+        fittable = (sy > 0) & (ss_tot > 1e-12 * syy)  # NaN / inf signal fails too
+        finite = np.isfinite(r)
+        if not finite.all():
+            r[~finite] = 1.0 / float(tk.max() - tk.min())
+        if fittable.all():
             res, trial = kern.states(m)
             res[_R] = r
             kern.reduced(y, res)
             res, conv, n_iter = _solve(y, res, trial, kern, opt, 0)
         else:
+            reason[~fittable] = _FLAT
+            reason[~(sy > 0)] = _NONPOS
+            reason[~np.isfinite(syy)] = _NONFINITE
             res = np.full((kern.rows, m), np.nan)
             conv = np.zeros(m, dtype=bool)
             n_iter = np.zeros(m, dtype=np.int16)
+            idx = np.flatnonzero(fittable)
             if idx.size:
                 state, trial = kern.states(idx.size)
                 state[_R] = r[idx]
@@ -361,8 +367,8 @@ def _fit_block(y: np.ndarray, opt: _Options, kern: _Kernel) -> dict[str, np.ndar
                 res[:, idx], conv[idx], n_iter[idx] = _solve(yy, state, trial, kern, opt, 0)
 
         out_r = res[_R]
-        out_s0 = res[_A] / res[_B]
-        out_c = sy / n - out_s0 * res[_P0] / n if opt.offset else None
+        out_s0 = res[_S0].copy()  # res may be the kernel's buffer
+        out_c = (sy - out_s0 * res[_P0]) / n if opt.offset else None
         ss_res = (ss_tot if opt.offset else syy) - res[_G]
         r2 = 1.0 - np.maximum(ss_res, 0.0) / ss_tot
         t = 1.0 / out_r
@@ -419,19 +425,16 @@ class _Job:
         return stop - start
 
 
-#: Jobs of the running process-parallel fits, by id: set before the workers are forked, so
-#: they inherit the job (signal copy-on-write, outputs in shared memory) and get only indices
-_FORKED_JOBS: dict[int, _Job] = {}
-#: a worker costs a fork (~10 ms with the pool start-up): below this many chunks per worker
+#: a worker costs a fork and its own buffers (~1-2 ms): below this many chunks per worker
 #: (~1 ms each) it does not pay
 _MIN_CHUNKS_PER_WORKER = 16
-#: chunks are sent to the workers in batches, about this many per worker: few messages, and
-#: a worker slowed by other load leaves at most one batch for the end
+#: workers take chunks in batches, about this many per worker: few messages, and a worker
+#: slowed by other load leaves at most one batch for the end
 _BATCHES_PER_WORKER = 16
 
 
-def _fit_forked_chunk(key: int, i: int) -> int:
-    return _FORKED_JOBS[key].fit_chunk(i)
+class _WorkerTraceback(Exception):
+    """The traceback of an exception raised in a worker process (its ``__cause__`` here)."""
 
 
 def _n_workers(n_threads: int, n_chunks: int) -> int:
@@ -467,25 +470,66 @@ def _shared_empty(n: int, dtype: Any) -> np.ndarray:
 
 
 def _run_forked(job: _Job, n_chunks: int, workers: int, progress: Progress | None) -> None:
-    """Fit all chunks of ``job`` in ``workers`` forked processes; worker errors re-raise here."""
-    key = id(job)
-    _FORKED_JOBS[key] = job
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    """Fit all chunks of ``job`` in ``workers`` forked processes; a worker's error re-raises here.
+
+    Workers claim batches of chunks from a shared counter and report each batch through
+    their own pipe: the number of voxels done, then None at the end, or (exception,
+    traceback). A worker that dies without a word (killed) shows as end-of-file.
+    """
+    ctx = multiprocessing.get_context("fork")
+    claimed = ctx.Value("q", 0)  # chunks handed out so far
+    batch = max(1, n_chunks // (workers * _BATCHES_PER_WORKER))
+
+    def work(conn: Connection) -> None:  # runs in the forked worker
+        try:
+            while True:
+                with claimed.get_lock():
+                    first = claimed.value
+                    claimed.value = first + batch
+                if first >= n_chunks:
+                    break
+                conn.send(sum(job.fit_chunk(i) for i in range(first, min(first + batch, n_chunks))))
+            conn.send(None)
+        except BaseException as err:
+            conn.send((err, "".join(traceback.format_exception(err))))
+
+    procs, pipes, finished = [], [], False
     try:
-        batch = max(1, n_chunks // (workers * _BATCHES_PER_WORKER))
-        done = 0
-        for n in pool.map(partial(_fit_forked_chunk, key), range(n_chunks), chunksize=batch):
-            done += n
-            if progress is not None:
-                progress(done, job.n_fit)
-    except BrokenProcessPool as err:
-        raise SpineqprepError(
-            f"a fitting worker process died ({err})",
-            fix="it was probably killed for lack of memory: use fewer threads (--omp-nthreads)",
-        ) from err
+        for _ in range(workers):
+            reader, writer = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=work, args=(writer,), daemon=True)
+            proc.start()
+            writer.close()  # the worker holds the only write end: its exit is our end-of-file
+            procs.append(proc)
+            pipes.append(reader)
+        done, running = 0, list(pipes)
+        while running:
+            for conn in connection.wait(running):
+                try:
+                    msg = conn.recv()
+                except EOFError:
+                    raise SpineqprepError(
+                        "a fitting worker process died",
+                        fix="it was probably killed for lack of memory: use fewer threads "
+                        "(--omp-nthreads)",
+                    ) from None
+                if msg is None:
+                    running.remove(conn)
+                elif isinstance(msg, tuple):
+                    err, trace = msg
+                    raise err from _WorkerTraceback(trace)
+                else:
+                    done += msg
+                    if progress is not None:
+                        progress(done, job.n_fit)
+        finished = True
     finally:
-        pool.shutdown(cancel_futures=True)
-        del _FORKED_JOBS[key]
+        for proc in procs:
+            if not finished:  # an error: the other workers' chunks are moot
+                proc.terminate()
+            proc.join()
+        for conn in pipes:
+            conn.close()
 
 
 def fit_monoexp(
