@@ -8,7 +8,8 @@ as float32 like NIfTI data, and times in the same run:
 
 - spineqprep.relaxometry.fit_monoexp with 2 workers (``n_threads=2``: forked processes; the
   headline) and 1 worker on all N voxels, best of 3, worker start-up included;
-- scipy.optimize.curve_fit per voxel (Levenberg-Marquardt) on a subsample, extrapolated;
+- scipy.optimize.curve_fit per voxel (Levenberg-Marquardt) on a subsample, best of 3,
+  extrapolated;
 - qmrpy (T2Mono, a port of qMRLab mono_t2: scipy least_squares per voxel);
 - ukat (UK Renal Imaging Network, T2 '2p_exp': bounded curve_fit per voxel), run in its own
   venv (~/.cache/spineqprep-bench/ukat-venv, created on first use) in a subprocess.
@@ -86,6 +87,7 @@ def simulate(times, mean, sd, clip, n, rng):
 def best_of(fn, repeat=3):
     best, out = np.inf, None
     for _ in range(repeat):
+        out = None  # free the previous result outside the timed call
         t0 = time.perf_counter()
         out = fn()
         best = min(best, time.perf_counter() - t0)

@@ -236,6 +236,17 @@ def test_worker_errors_surface_and_leave_nothing(monkeypatch):
         fit_monoexp(y, UTE, n_threads=2, **kw)
     assert multiprocessing.active_children() == []
 
+    class Local(Exception):  # defined in a function: does not pickle
+        pass
+
+    def unpicklable(block, opt, kern):
+        raise Local("local boom")
+
+    monkeypatch.setattr(monoexp, "_fit_block", unpicklable)
+    with pytest.raises(RuntimeError, match="local boom"):
+        fit_monoexp(y, UTE, n_threads=2, **kw)
+    assert multiprocessing.active_children() == []
+
     def dying(block, opt, kern):  # a worker killed (e.g. out of memory)
         os._exit(9)
 
@@ -243,6 +254,17 @@ def test_worker_errors_surface_and_leave_nothing(monkeypatch):
     with pytest.raises(SpineqprepError, match="worker process died"):
         fit_monoexp(y, UTE, n_threads=2, **kw)
     assert multiprocessing.active_children() == []
+
+
+def test_fork_failure_is_a_clear_error(monkeypatch):
+    y, kw = _workers_case()
+
+    def no_fork(process):
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(multiprocessing.context.ForkProcess, "_Popen", staticmethod(no_fork))
+    with pytest.raises(SpineqprepError, match="cannot start a fitting worker"):
+        fit_monoexp(y, UTE, n_threads=2, **kw)
 
 
 def test_mask_and_progress():

@@ -428,9 +428,9 @@ class _Job:
 #: a worker costs a fork and its own buffers (~1-2 ms): below this many chunks per worker
 #: (~1 ms each) it does not pay
 _MIN_CHUNKS_PER_WORKER = 16
-#: workers take chunks in batches, about this many per worker: few messages, and a worker
-#: slowed by other load leaves at most one batch for the end
-_BATCHES_PER_WORKER = 16
+#: a worker claims 1/(this x workers) of the chunks left (guided scheduling): few messages
+#: at first, single chunks at the end, so the workers finish together even under other load
+_CLAIM_DIVISOR = 4
 
 
 class _WorkerTraceback(Exception):
@@ -474,31 +474,42 @@ def _run_forked(job: _Job, n_chunks: int, workers: int, progress: Progress | Non
 
     Workers claim batches of chunks from a shared counter and report each batch through
     their own pipe: the number of voxels done, then None at the end, or (exception,
-    traceback). A worker that dies without a word (killed) shows as end-of-file.
+    traceback). A worker that dies without a word (killed) shows as end-of-file. On any
+    error the other workers are stopped; all are joined before this returns or raises.
     """
     ctx = multiprocessing.get_context("fork")
     claimed = ctx.Value("q", 0)  # chunks handed out so far
-    batch = max(1, n_chunks // (workers * _BATCHES_PER_WORKER))
 
     def work(conn: Connection) -> None:  # runs in the forked worker
         try:
             while True:
                 with claimed.get_lock():
                     first = claimed.value
-                    claimed.value = first + batch
+                    stop = first + max(1, (n_chunks - first) // (_CLAIM_DIVISOR * workers))
+                    claimed.value = stop
                 if first >= n_chunks:
                     break
-                conn.send(sum(job.fit_chunk(i) for i in range(first, min(first + batch, n_chunks))))
+                conn.send(sum(job.fit_chunk(i) for i in range(first, min(stop, n_chunks))))
             conn.send(None)
         except BaseException as err:
-            conn.send((err, "".join(traceback.format_exception(err))))
+            trace = "".join(traceback.format_exception(err))
+            try:
+                conn.send((err, trace))
+            except Exception:  # the exception does not pickle: send its text
+                conn.send((RuntimeError(repr(err)), trace))
 
     procs, pipes, finished = [], [], False
     try:
         for _ in range(workers):
             reader, writer = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=work, args=(writer,), daemon=True)
-            proc.start()
+            try:
+                proc.start()
+            except OSError as err:  # e.g. a container's process limit
+                raise SpineqprepError(
+                    f"cannot start a fitting worker process ({err})",
+                    fix="use fewer threads (--omp-nthreads 1) or raise the process limit",
+                ) from err
             writer.close()  # the worker holds the only write end: its exit is our end-of-file
             procs.append(proc)
             pipes.append(reader)
@@ -558,7 +569,8 @@ def fit_monoexp(
     workers the returned maps live in anonymous shared memory (a process forked later
     shares them instead of copying them on write).
     dtype: float dtype of the output maps (the fit itself is float64).
-    progress: called as progress(voxels_done, voxels_total) after each chunk.
+    progress: called as progress(voxels_done, voxels_total) after each chunk (with workers:
+    after each batch a worker finishes), in the calling process.
     """
     if model not in ("monoexp", "offset"):
         raise UsageError(f"unknown model {model!r}", fix="use 'monoexp' or 'offset'")
@@ -621,7 +633,8 @@ def fit_monoexp(
     reason = out["reason"]
     valid = reason == 0
     n_valid = int(np.count_nonzero(valid))
-    counts = np.bincount(reason[~valid], minlength=len(REASONS))  # few voxels, usually
+    failed = reason[~valid] if n_valid < n_vox else reason[:0]  # few voxels, usually
+    counts = np.bincount(failed, minlength=len(REASONS))
     summary = {
         "model": model,
         "times_s": tk.tolist(),
