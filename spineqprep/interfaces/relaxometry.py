@@ -25,7 +25,8 @@ class _FitMonoexpInputSpec(BaseInterfaceInputSpec):
     model = traits.Enum("monoexp", "offset", usedefault=True, desc="signal model")
     t_range = traits.Tuple(traits.Float, traits.Float, mandatory=True,
                            desc="valid range of the fitted time constant (s)")
-    num_threads = traits.Int(1, usedefault=True, desc="worker processes of the fitter (--omp-nthreads)")
+    num_threads = traits.Int(1, usedefault=True,
+                             desc="worker processes of the fitter (--omp-nthreads)")
 
 
 class _FitMonoexpOutputSpec(TraitedSpec):
