@@ -63,8 +63,8 @@ class RunConfig:
         self.output_dir = Path(self.output_dir).resolve()
         self.work_dir = Path(self.work_dir or Path.cwd() / "work").resolve()
         self.derivatives = [Path(p).resolve() for p in self.derivatives]
-        self.participant_label = [_strip(p, "sub-") for p in self.participant_label]
-        self.session_label = [_strip(s, "ses-") for s in self.session_label]
+        self.participant_label = [p.removeprefix("sub-") for p in self.participant_label]
+        self.session_label = [s.removeprefix("ses-") for s in self.session_label]
         cpus = len(os.sched_getaffinity(0))
         self.nprocs = self.nprocs or cpus
         self.omp_nthreads = self.omp_nthreads or min(self.nprocs, 8)
@@ -114,7 +114,3 @@ def load_toml(path: Path) -> dict[str, Any]:
     if unknown:
         raise UsageError(f"unknown settings {unknown}", path=path)
     return settings
-
-
-def _strip(label: str, prefix: str) -> str:
-    return label[len(prefix) :] if label.startswith(prefix) else label

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -12,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from container_helpers import tree_digest
 from scipy.optimize import curve_fit
 
 from spineqprep.bids.validate_derivatives import check_derivatives
@@ -23,12 +23,6 @@ MAPS = {"MESE": "T2map", "MESL": "T1rho", "MEGRE": "T2starmap"}
 DESC = {"T2map": "T2fit", "T1rho": "T1rhofit", "T2starmap": "T2starfit"}
 SERIES = re.compile(
     r"(sub-[^_]+(?:_ses-[^_]+)?_acq-[^_]+)_(?:echo|tsl)-1_(MESE|MESL|MEGRE)\.nii\.gz")
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    """Content hash of every file below ``root``."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def expected_maps(raw: Path) -> list[tuple[Path, str]]:

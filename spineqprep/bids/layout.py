@@ -144,15 +144,11 @@ def _as_layout(layout_or_dir: BIDSLayout | str | Path) -> BIDSLayout:
     return get_layout(layout_or_dir)
 
 
-def _strip(label: str, prefix: str) -> str:
-    return label[len(prefix):] if label.startswith(prefix) else label
-
-
 def _labels(value: str | Sequence[str] | None, prefix: str) -> list[str] | None:
     if value is None:
         return None
     values = [value] if isinstance(value, str) else list(value)
-    return [_strip(str(v), prefix) for v in values] or None
+    return [str(v).removeprefix(prefix) for v in values] or None
 
 
 def collect_participants(
@@ -257,7 +253,7 @@ def collect_series(
     name (e.g. ``run-1`` and ``run-2`` of one acquisition) raise ``InputError``.
     """
     layout = _as_layout(layout_or_dir)
-    subject = _strip(subject, "sub-")
+    subject = subject.removeprefix("sub-")
     session_list = _labels(sessions, "ses-")
     filters = normalise_filters(bids_filters or {})
     out: list[Series] = []
@@ -321,7 +317,7 @@ def collect_structurals(
 ) -> list[Structural]:
     """The structural images (T1w, T2w) of one subject, sorted by session, suffix and path."""
     layout = _as_layout(layout_or_dir)
-    subject = _strip(subject, "sub-")
+    subject = subject.removeprefix("sub-")
     filters = normalise_filters(bids_filters or {})
     out = []
     for suffix in structural_suffixes():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from spineqprep.bids.derivatives import build_path, write_dataset_description
 from spineqprep.bids.layout import Series, collect_participants, collect_series
+from spineqprep.bids.schema import load_schema
 from spineqprep.bids.validate import Problem, check_dataset, check_series
 from spineqprep.config import RunConfig
 from spineqprep.errors import InputError
@@ -64,17 +65,35 @@ def run_participant(config: RunConfig) -> int:
     if not config.reports_only and plans:
         failures.update(_run_workflow(config, wf, [p.subject for p in plans]))
 
-    from spineqprep.reports import build_subject_report
-
-    for subject in subjects:
-        build_subject_report(config.output_dir, subject, bids_dir=config.bids_dir,
-                             errors=failures.get(subject), boilerplate=methods)
-    if failures:
-        _print_failures(failures, len(subjects))
+    report_errors = _build_reports(config, subjects, failures, methods)
+    if failures or report_errors:
+        if failures:
+            _print_failures(failures, len(subjects))
+        for message in report_errors:
+            print(f"spineqprep: {message}", file=sys.stderr)
         return 1
     LOG.info("spineqprep: %d participant(s) finished; derivatives in %s", len(subjects),
              config.output_dir)
     return 0
+
+
+def _build_reports(config: RunConfig, subjects: list[str], failures: dict[str, list[str]],
+                   methods: str) -> list[str]:
+    """Write every subject's report; a report that cannot be drawn is an error of its own and
+    never takes the subject's published maps with it."""
+    from spineqprep.reports import build_subject_report
+
+    errors = []
+    for subject in subjects:
+        try:
+            build_subject_report(config.output_dir, subject, bids_dir=config.bids_dir,
+                                 errors=failures.get(subject), boilerplate=methods)
+        except Exception as err:  # a figure must not sink the run: name it and go on
+            LOG.debug("report of sub-%s", subject, exc_info=True)
+            errors.append(f"the report of sub-{subject} could not be built "
+                          f"({type(err).__name__}: {err}); its derivatives are complete; "
+                          "rerun with --reports-only -v after fixing")
+    return errors
 
 
 def _validate_dataset(config: RunConfig, subjects: list[str]) -> dict[str, list[str]]:
@@ -131,7 +150,7 @@ def _precomputed(config: RunConfig, series: Series) -> dict[str, Path]:
     """Existing outputs for ``series`` in the ``--derivatives`` datasets (first one wins)."""
     entities = {k: v for k, v in
                 {"sub": series.subject, "ses": series.session, "acq": series.acq}.items() if v}
-    desc = {"T2map": "T2fit", "T1rho": "T1rhofit", "T2starmap": "T2starfit"}[series.target]
+    desc = load_schema()["derivatives"]["maps"][series.target]["desc"]
     wanted = {series.target: entities, "S0map": {**entities, "desc": desc},
               "Rsquared": {**entities, "desc": desc}, "mask": {**entities, "desc": desc}}
     for root in config.derivatives:

@@ -154,7 +154,10 @@ def plot_map_figure(views: MapViews, out_path: Path, *, quantity: str,
             if kind == "map":
                 images[kind] = ax.imshow(display_slice(views.map_ms, i), cmap=MAP_CMAP, vmin=0,
                                          vmax=map_hi, **common)
-            if kind == "background" and mask2d.any() and not mask2d.all():
+            # a contour needs 2 x 2 samples: a single-line slice (a 2D acquisition seen
+            # side-on) shows its mask in the map row only
+            outline = min(mask2d.shape) >= 2 and mask2d.any() and not mask2d.all()
+            if kind == "background" and outline:
                 ax.contour(mask2d, levels=[0.5], colors=OUTLINE, linewidths=0.6, alpha=0.9,
                            origin="upper", extent=extent)
             ax.set_aspect("equal")
