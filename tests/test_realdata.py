@@ -44,9 +44,17 @@ def _knee_volumes() -> tuple[list[np.ndarray], np.ndarray]:
         slices = [pydicom.dcmread(f) for f in sorted(folder.glob("*.dcm"))]
         slices.sort(key=lambda d: float(d.ImagePositionPatient[0]))
         volumes.append(np.stack([d.pixel_array.astype(np.float32) for d in slices], axis=-1))
+    # voxel (row, column, slice) -> scanner LPS from the DICOM geometry, then to RAS (NIfTI)
     first = slices[0]
-    spacing = [float(v) for v in first.PixelSpacing] + [float(first.SpacingBetweenSlices)]
-    return volumes, np.diag([*spacing, 1.0])
+    row_cos, col_cos = np.array(first.ImageOrientationPatient[:3]), np.array(
+        first.ImageOrientationPatient[3:])
+    d_row, d_col = (float(v) for v in first.PixelSpacing)
+    step = (np.array(slices[-1].ImagePositionPatient, float)
+            - np.array(first.ImagePositionPatient, float)) / (len(slices) - 1)
+    affine = np.eye(4)
+    affine[:3, 0], affine[:3, 1], affine[:3, 2] = col_cos * d_row, row_cos * d_col, step
+    affine[:3, 3] = np.array(first.ImagePositionPatient, float)
+    return volumes, np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
 
 
 @pytest.fixture(scope="module")

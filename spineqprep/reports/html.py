@@ -89,9 +89,18 @@ def table(frame: pd.DataFrame, columns: Sequence[Column], css_class: str = "") -
 
 
 def paragraphs(text: str) -> str:
-    """Plain text -> escaped ``<p>`` paragraphs (split on blank lines)."""
-    blocks = [b.strip() for b in text.replace("\r\n", "\n").split("\n\n")]
-    return "\n".join(f"<p>{esc(b)}</p>" for b in blocks if b)
+    """Plain text -> escaped ``<p>`` paragraphs (split on blank lines); lines starting with
+    "- " become a bulleted list."""
+    out = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        lines = block.strip().splitlines()
+        prose = [ln for ln in lines if not ln.startswith("- ")]
+        items = [ln[2:] for ln in lines if ln.startswith("- ")]
+        if prose:
+            out.append(f"<p>{esc(' '.join(prose))}</p>")
+        if items:
+            out.append("<ul>" + "".join(f"<li>{esc(i)}</li>" for i in items) + "</ul>")
+    return "\n".join(out)
 
 
 def errors_section(errors: Sequence[str] | None) -> Section:
