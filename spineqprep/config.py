@@ -51,6 +51,8 @@ class RunConfig:
     boilerplate_only: bool = False
     derivatives: list[Path] = field(default_factory=list)
     fit_model: str = "monoexp"
+    segmentation: bool = True
+    seg_weights: Path | None = None
     verbosity: int = 0
     run_uuid: str = ""
     version: str = __version__
@@ -63,6 +65,7 @@ class RunConfig:
         self.output_dir = Path(self.output_dir).resolve()
         self.work_dir = Path(self.work_dir or Path.cwd() / "work").resolve()
         self.derivatives = [Path(p).resolve() for p in self.derivatives]
+        self.seg_weights = Path(self.seg_weights).resolve() if self.seg_weights else None
         self.participant_label = [p.removeprefix("sub-") for p in self.participant_label]
         self.session_label = [s.removeprefix("ses-") for s in self.session_label]
         cpus = len(os.sched_getaffinity(0))

@@ -297,7 +297,7 @@ def test_failure_inside_the_workflow_is_isolated(broken, tmp_path, capsys, monke
     assert "Traceback" not in err
     assert not (out / "sub-05" / "anat").exists()
     assert list((out / "sub-05" / "log").glob("*/crash-*.txt"))
-    assert len(list((out / "sub-01" / "anat").glob("*.nii.gz"))) == 12
+    assert len(list((out / "sub-01" / "anat").glob("*fit_*.nii.gz"))) == 9  # S0, R2, mask x 3
 
 
 @pytest.mark.parametrize("args, message", [
@@ -332,3 +332,43 @@ def test_copy_of_dataset_with_derivatives_reused(synth, processed, tmp_path) -> 
         if rel.parts[0] == f"sub-{subject}":
             assert (out / rel).read_bytes() == (processed["out"] / rel).read_bytes()
     shutil.rmtree(out)
+
+
+# ---- segmentation and region statistics ----------------------------------------------------
+
+def test_manual_masks_from_derivatives_give_region_statistics(synth, processed, tmp_path) -> None:
+    """``-d`` with a derivatives dataset of manual labels (here: the truth's label maps) uses
+    them instead of the network; the region tables equal the statistics computed directly."""
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    shutil.copy(synth.truth_dir / "dseg.tsv", manual / "dseg.tsv")
+    (manual / "dataset_description.json").write_text(json.dumps(
+        {"Name": "manual", "BIDSVersion": "1.10.1", "DatasetType": "derivative"}))
+    subject = synth.participants[1]
+    for path in (synth.truth_dir / f"sub-{subject}").rglob("*_dseg.nii.gz"):
+        if "_desc-" not in path.name:
+            target = manual / path.relative_to(synth.truth_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, target)
+    out = tmp_path / "out"
+    code = main([str(synth.raw_dir), str(out), "participant", "-w", str(tmp_path / "w"),
+                 "--participant-label", subject, "-d", str(manual), "--skip-bids-validation"])
+    assert code == 0
+    tables = sorted(out.rglob("*_desc-regions_*.tsv"))
+    assert len(tables) == 4  # T2 and T1rho of both sessions (UTE is not segmented)
+    for path in tables:
+        suffix = path.stem.split("_")[-1]
+        stem = path.name.split("_desc-regions_")[0]
+        table = pd.read_csv(path, sep="\t")
+        values = nib.load(path.with_name(f"{stem}_{suffix}.nii.gz")).get_fdata()
+        valid = np.asarray(nib.load(path.with_name(
+            f"{stem}_desc-{DESC[suffix]}_mask.nii.gz")).dataobj) > 0
+        labels = np.asarray(nib.load(manual / path.relative_to(out).parent /
+                                     f"{stem}_dseg.nii.gz").dataobj)
+        l4l5 = table.set_index("region").loc["L4L5"]
+        inside = (labels == 123) & valid
+        assert l4l5["n_valid"] == inside.sum()
+        assert l4l5["mean"] == pytest.approx(values[inside].mean(), rel=1e-5)
+        assert {"L1L2", "L5S1", "L3", "S1"} <= set(table["region"])
+    assert check_derivatives(out) == []
+    assert not run_bids_validator(out).errors

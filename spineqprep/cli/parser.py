@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fit-model", choices=["monoexp", "offset"],
                    help="S0 exp(-t/T) (default, as published) or with a constant offset "
                    "(noise floor)")
+    g.add_argument("--seg-weights", type=Path, metavar="PATH",
+                   help="a spine segmentation model bundle (folder with weights.pt and "
+                   "model.json, e.g. from spineqprep-train) instead of the packaged one")
+    g.add_argument("--no-segmentation", dest="segmentation", action="store_false", default=None,
+                   help="maps only: no segmentation and no region statistics")
     g.add_argument("--reports-only", action="store_true", default=None,
                    help="only rebuild the HTML reports from existing derivatives")
     g.add_argument("--boilerplate-only", "--boilerplate", action="store_true", default=None,
@@ -98,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         "boilerplate_only": ns.boilerplate_only,
         "derivatives": ns.derivatives,
         "fit_model": ns.fit_model,
+        "segmentation": ns.segmentation,
+        "seg_weights": ns.seg_weights,
         "verbosity": ns.verbosity,
         "plugin": ns.plugin,
     }

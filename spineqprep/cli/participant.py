@@ -13,7 +13,12 @@ import sys
 from pathlib import Path
 
 from spineqprep.bids.derivatives import build_path, write_dataset_description
-from spineqprep.bids.layout import Series, collect_participants, collect_series
+from spineqprep.bids.layout import (
+    Series,
+    collect_participants,
+    collect_series,
+    collect_structurals,
+)
 from spineqprep.bids.schema import load_schema
 from spineqprep.bids.validate import Problem, check_dataset, check_series
 from spineqprep.config import RunConfig
@@ -26,6 +31,8 @@ from spineqprep.workflows.base import (
 )
 
 LOG = logging.getLogger("spineqprep")
+#: series whose first image is segmented (their grid gets a _dseg and region statistics)
+SEGMENTED_SERIES = ("MESL", "MESE")
 _SUBJECT_IN_PATH = re.compile(r"(?:^|/)sub-([A-Za-z0-9]+)(?:/|_)")
 
 
@@ -143,7 +150,37 @@ def _plan_subject(config: RunConfig, subject: str) -> SubjectPlan:
     precomputed = {i: found for i, s in enumerate(series) if (found := _precomputed(config, s))}
     LOG.info("sub-%s: %s", subject, ", ".join(
         f"{s.suffix} acq-{s.acq} ({len(s.files)} images)" for s in series))
-    return SubjectPlan(subject=subject, series=series, precomputed=precomputed)
+    segment = {}
+    for s in series:
+        if s.suffix in SEGMENTED_SERIES:  # the first image of a mapping grid
+            segment.setdefault((s.session, s.acq), s.files[0])
+    structurals = collect_structurals(config.bids_dir, subject,
+                                      sessions=config.session_label or None,
+                                      bids_filters=config.bids_filters or None)
+    for preferred in ("T2w", "T1w"):  # one sagittal structural per session: T2w, else T1w
+        for image in structurals:
+            if image.suffix == preferred:
+                segment.setdefault((image.session, image.acq), image.path)
+    masks = {key: found for key in segment if (found := _precomputed_mask(config, subject, *key))}
+    return SubjectPlan(subject=subject, series=series, precomputed=precomputed,
+                       segment=segment, masks=masks)
+
+
+def _precomputed_mask(config: RunConfig, subject: str, session: str | None,
+                      acq: str | None) -> tuple[Path, Path] | None:
+    """A segmentation (and its look-up table) of this grid in a --derivatives dataset."""
+    entities = {k: v for k, v in {"sub": subject, "ses": session, "acq": acq}.items() if v}
+    for root in config.derivatives:
+        path = root / build_path(entities, "dseg", ".nii.gz")
+        if path.exists():
+            for lut in (path.with_name(path.name.replace(".nii.gz", ".tsv")), root / "dseg.tsv"):
+                if lut.exists():
+                    LOG.info("reusing %s", path)
+                    return path, lut
+            raise InputError("segmentation without a look-up table", path=path,
+                             fix=f"add {lut} (index, name, abbreviation) or a per-image "
+                             f"{path.name.replace('.nii.gz', '.tsv')}")
+    return None
 
 
 def _precomputed(config: RunConfig, series: Series) -> dict[str, Path]:
@@ -214,7 +251,7 @@ class _Progress:
         LOG.info("[%d/%d] %s: %s", self.done, self.total, subject, f"{what} {result}".strip())
 
 
-_STEPS = {"fit": "fitted", "commit_derivatives": "derivatives published"}
+_STEPS = {"fit": "fitted", "segment": "segmented", "commit_derivatives": "derivatives published"}
 
 
 def _crash_message(crashfile: Path) -> str:

@@ -16,12 +16,17 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from spineqprep.bids.derivatives import atomic_write_json, atomic_write_nifti, build_path
+from spineqprep.bids.derivatives import (
+    atomic_write_json,
+    atomic_write_nifti,
+    atomic_write_text,
+    build_path,
+)
 from spineqprep.bids.staging import commit_staged
 
 
 class _DataSinkInputSpec(BaseInterfaceInputSpec):
-    in_file = File(exists=True, mandatory=True, desc="image to store")
+    in_file = File(exists=True, mandatory=True, desc="image (.nii.gz) or table (.tsv) to store")
     base_directory = Directory(mandatory=True, desc="root of the (staging) derivatives dataset")
     entities = traits.Dict(mandatory=True, desc="BIDS entities of the output (sub, ses, acq ...)")
     suffix = traits.Str(mandatory=True, desc="BIDS suffix of the output")
@@ -31,26 +36,35 @@ class _DataSinkInputSpec(BaseInterfaceInputSpec):
 
 
 class _DataSinkOutputSpec(TraitedSpec):
-    out_file = File(exists=True, desc="the stored image")
-    out_meta = File(exists=True, desc="its JSON sidecar")
+    out_file = File(exists=True, desc="the stored file")
+    out_meta = File(exists=True, desc="its JSON sidecar (when it has metadata)")
 
 
 class DerivativesDataSink(SimpleInterface):
-    """Write an image and its sidecar under a BIDS-Derivatives name, atomically."""
+    """Write an image or a table, and its sidecar, under a BIDS-Derivatives name, atomically.
+
+    A table without metadata (e.g. the ``dseg.tsv`` of one segmentation) gets no sidecar."""
 
     input_spec = _DataSinkInputSpec
     output_spec = _DataSinkOutputSpec
 
     def _run_interface(self, runtime):
-        rel = build_path(dict(self.inputs.entities), self.inputs.suffix, ".nii.gz")
+        table = str(self.inputs.in_file).endswith(".tsv")
+        extension = ".tsv" if table else ".nii.gz"
+        rel = build_path(dict(self.inputs.entities), self.inputs.suffix, extension)
         out = Path(self.inputs.base_directory) / rel
-        atomic_write_nifti(nib.load(self.inputs.in_file), out)
+        if table:
+            atomic_write_text(Path(self.inputs.in_file).read_text(), out)
+        else:
+            atomic_write_nifti(nib.load(self.inputs.in_file), out)
+        self._results["out_file"] = str(out)
         meta = {**_defined(self.inputs.meta_dict), **_defined(self.inputs.extra_meta)}
         if self.inputs.sources:
             meta["Sources"] = list(self.inputs.sources)
-        sidecar = out.with_name(out.name.removesuffix(".nii.gz") + ".json")
-        atomic_write_json(meta, sidecar)
-        self._results.update(out_file=str(out), out_meta=str(sidecar))
+        if meta or not table:
+            sidecar = out.with_name(out.name.removesuffix(extension) + ".json")
+            atomic_write_json(meta, sidecar)
+            self._results["out_meta"] = str(sidecar)
         return runtime
 
 

@@ -182,6 +182,55 @@ def plot_map_figure(views: MapViews, out_path: Path, *, quantity: str,
     return out_path
 
 
+def plot_dseg_figure(background: nib.Nifti1Image | None, dseg: nib.Nifti1Image,
+                     names: dict[int, str], out_path: Path) -> Path:
+    """Write a PNG: a labelled segmentation over its image on three sagittal slices, each
+    label in its own colour and named at its centre on the slice where it is largest."""
+    from matplotlib import colormaps
+
+    labels, affine = canonical(dseg)
+    labels = np.rint(labels).astype(np.int32)
+    bg = (canonical(on_grid(background, first_volume(dseg)))[0] if background is not None
+          else np.zeros(labels.shape, np.float32))
+    slices = sagittal_indices(labels.shape[0])
+    extent = _extent(affine, labels.shape)
+    aspect = float(np.clip((extent[3] - extent[2]) / max(extent[0] - extent[1], 1e-6), 0.4, 3))
+    fig = Figure(figsize=(len(slices) * PANEL_INCHES + 0.4, PANEL_INCHES * aspect + 0.5),
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(slices), squeeze=False)[0]
+    present = [i for i in sorted(names) if np.any(labels == i)]
+    colours = colormaps["tab20"]
+    lo, hi = _robust_range(bg[bg > 0] if np.any(bg > 0) else bg, 1, 99.5)
+    common = {"origin": "upper", "extent": extent, "interpolation": "nearest"}
+    for ax, i in zip(axes, slices, strict=True):
+        ax.imshow(display_slice(bg, i), cmap="gray", vmin=lo, vmax=hi, **common)
+        overlay = np.zeros((*display_slice(labels, i).shape, 4))
+        shown = display_slice(labels, i)
+        for k, index in enumerate(present):
+            overlay[shown == index] = (*colours(k % 20)[:3], 0.55)
+        ax.imshow(overlay, **common)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_aspect("equal")
+        _orient_letters(ax)
+        ax.set_title(f"slice {i + 1}/{labels.shape[0]}", fontsize=8)
+    for k, index in enumerate(present):  # name each region on the slice where it is largest
+        counts = [(display_slice(labels, i) == index).sum() for i in slices]
+        col = int(np.argmax(counts))
+        rows, cols = np.nonzero(display_slice(labels, slices[col]) == index)
+        if rows.size:
+            x0, x1, y0, y1 = extent
+            x = x0 + (cols.mean() + 0.5) / labels.shape[1] * (x1 - x0)
+            y = y1 - (rows.mean() + 0.5) / labels.shape[2] * (y1 - y0)
+            axes[col].text(x, y, names[index], color="white", fontsize=6, ha="center",
+                           va="center", bbox={"facecolor": colours(k % 20), "alpha": 0.7,
+                                              "pad": 0.5, "linewidth": 0})
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=DPI, format="png")
+    return out_path
+
+
 def plot_group_figure(summary: pd.DataFrame, out_path: Path) -> Path:
     """Write a PNG: per map/acq, the subjects' median (ms) per site as box plot + points."""
     panels = sorted({(m, a or "") for m, a in zip(summary["map"], summary["acq"], strict=True)})

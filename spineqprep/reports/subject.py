@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from spineqprep.errors import InputError
-from spineqprep.reports.figures import map_views, plot_map_figure
+from spineqprep.reports.figures import map_views, plot_dseg_figure, plot_map_figure
 from spineqprep.reports.html import (
     Section,
     errors_section,
@@ -134,12 +135,54 @@ def build_subject_report(output_dir: Path, subject: str, *, sessions: Sequence[s
                      "quantity": DISPLAY[files.quantity], **stats})
         blocks.setdefault(files.session, []).append(
             _map_block(files, stats, figure, output_dir, note))
+    for session, block in _segmentation_blocks(output_dir, subject, sessions, bids_dir,
+                                               figures):
+        blocks.setdefault(session, []).append(block)
     sections = [_summary_section(subject, output_dir, rows)]
     for session, html_blocks in blocks.items():
         ident, title = (f"ses-{session}", f"Session {session}") if session else ("maps", "Maps")
         sections.append(Section(ident, title, "\n".join(html_blocks)))
     sections += [methods_section(boilerplate), errors_section(errors)]
     return render_page(output_dir / f"sub-{subject}.html", f"spineqprep: sub-{subject}", sections)
+
+
+def _segmentation_blocks(output_dir: Path, subject: str, sessions: Sequence[str] | None,
+                         bids_dir: Path | None, figures: Path) -> list[tuple[str | None, str]]:
+    """(session, HTML) per segmentation of the subject: the labels over their image, the
+    level check, and the whole-region statistics of the maps on the same grid."""
+    out = []
+    for path in sorted((output_dir / f"sub-{subject}").glob("**/anat/*_dseg.nii.gz")):
+        stem = path.name.removesuffix("_dseg.nii.gz")
+        session = next((p[4:] for p in stem.split("_") if p.startswith("ses-")), None)
+        if sessions is not None and session not in sessions:
+            continue
+        sidecar = path.with_name(f"{stem}_dseg.json")
+        meta = json.loads(sidecar.read_text()) if sidecar.exists() else {}
+        lut = path.with_name(f"{stem}_dseg.tsv")
+        lut = lut if lut.exists() else output_dir / "dseg.tsv"
+        names = ({int(i): str(a) for i, a in pd.read_csv(lut, sep="\t")[
+            ["index", "abbreviation"]].itertuples(index=False)} if lut.exists() else {})
+        sources = meta.get("Sources") or []
+        source = resolve_source(sources[0], bids_dir, output_dir) if sources else None
+        figure = plot_dseg_figure(load_image(source) if source else None, load_image(path),
+                                  names, figures / f"{stem}_dseg.png")
+        flags = meta.get("LevelFlags") or []
+        check = ("levels confident" if meta.get("LevelsConfident", True) else
+                 "LEVELS DOUBTFUL") + (": " + "; ".join(flags) if flags else "")
+        html = [f'<h3 id="{esc(stem)}_dseg">Segmentation {esc(stem)}</h3>',
+                f'<figure><img src="{esc(figure.relative_to(output_dir).as_posix())}" '
+                f'alt="segmentation {esc(stem)}"><figcaption>{esc(check)}. Labels over '
+                f"{esc(Path(sources[0]).name if sources else 'no image')}.</figcaption></figure>"]
+        for regions in sorted(path.parent.glob(f"{stem}_desc-regions_*.tsv")):
+            table_ = pd.read_csv(regions, sep="\t", na_values="n/a")
+            for col in ("mean", "sd", "median"):
+                table_[f"{col}_ms"] = table_[col] * 1e3
+            html.append(f"<h4>{esc(regions.stem.split('_')[-1])} by region</h4>" + table(
+                table_, [("region", "region", fmt_text), ("n_valid", "valid voxels", fmt_int),
+                         ("mean_ms", "mean (ms)", fmt_ms), ("sd_ms", "SD (ms)", fmt_ms),
+                         ("median_ms", "median (ms)", fmt_ms)], "regions"))
+        out.append((session, "\n".join(html)))
+    return out
 
 
 def _summary_section(subject: str, output_dir: Path, rows: list[dict[str, Any]]) -> Section:

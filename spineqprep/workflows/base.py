@@ -12,6 +12,10 @@ from spineqprep.bids.layout import Series
 from spineqprep.config import RunConfig
 from spineqprep.interfaces.bids import CommitDerivatives
 from spineqprep.workflows.relaxometry import init_relaxometry_wf
+from spineqprep.workflows.segmentation import (
+    init_region_statistics_wf,
+    init_spine_segmentation_wf,
+)
 
 
 @dataclass
@@ -22,6 +26,10 @@ class SubjectPlan:
     series: list[Series]
     #: per series index: output suffix -> precomputed file to reuse instead of fitting
     precomputed: dict[int, dict[str, Path]] = field(default_factory=dict)
+    #: (session, acq) -> the image segmented for that grid
+    segment: dict[tuple[str | None, str | None], Path] = field(default_factory=dict)
+    #: (session, acq) -> (dseg, dseg.tsv) given with --derivatives instead of segmenting
+    masks: dict[tuple[str | None, str | None], tuple[Path, Path]] = field(default_factory=dict)
 
 
 def log_dir(config: RunConfig, subject: str) -> Path:
@@ -58,26 +66,61 @@ def init_spineqprep_wf(config: RunConfig, plans: list[SubjectPlan]) -> pe.Workfl
 
 
 def init_single_subject_wf(config: RunConfig, plan: SubjectPlan) -> pe.Workflow:
-    """Map every relaxometry series of one subject, then publish the subject's derivatives."""
+    """Map every relaxometry series of one subject, segment each mapping grid (and the sagittal
+    T2w), compute whole-region statistics of the maps, then publish the subject's derivatives."""
     wf = pe.Workflow(name=f"sub_{plan.subject}_wf")
     staging = staging_dir(config)
     staging.mkdir(parents=True, exist_ok=True)
-    merge = pe.Node(niu.Merge(len(plan.series), ravel_inputs=True), name="merge_derivatives",
+    staged: list[tuple[pe.Workflow, str]] = []  # (workflow, output) of every staged file list
+    series_wfs = []
+    for i, series in enumerate(plan.series):
+        series_wf = init_relaxometry_wf(
+            series, staging_dir=staging, raw_dir=config.bids_dir, fit_model=config.fit_model,
+            omp_nthreads=config.omp_nthreads, precomputed=plan.precomputed.get(i),
+            name=f"{_prefix(series.session)}{series.target.lower()}_acq_{series.acq or 'none'}_wf",
+        )
+        series_wfs.append(series_wf)
+        staged.append((series_wf, "outputnode.out_files"))
+
+    if config.segmentation:
+        for (session, acq), image in plan.segment.items():
+            entities = {k: v for k, v in
+                        {"sub": plan.subject, "ses": session, "acq": acq}.items() if v}
+            seg_wf = init_spine_segmentation_wf(
+                image, entities, staging_dir=staging, raw_dir=config.bids_dir,
+                weights=config.seg_weights, omp_nthreads=config.omp_nthreads,
+                precomputed=plan.masks.get((session, acq)),
+                name=f"{_prefix(session)}seg_acq_{acq or 'none'}_wf",
+            )
+            staged.append((seg_wf, "outputnode.out_files"))
+            for series, series_wf in zip(plan.series, series_wfs, strict=True):
+                if (series.session, series.acq) != (session, acq):
+                    continue
+                stats_wf = init_region_statistics_wf(
+                    entities, series.target, staging_dir=staging,
+                    name=f"{_prefix(session)}regions_{series.target.lower()}_acq_{acq}_wf")
+                wf.connect([
+                    (series_wf, stats_wf, [("outputnode.out_map", "inputnode.map"),
+                                           ("outputnode.out_mask", "inputnode.mask")]),
+                    (seg_wf, stats_wf, [("outputnode.dseg", "inputnode.dseg"),
+                                        ("outputnode.labels", "inputnode.labels")]),
+                ])
+                staged.append((stats_wf, "outputnode.out_file"))
+
+    merge = pe.Node(niu.Merge(len(staged), ravel_inputs=True), name="merge_derivatives",
                     run_without_submitting=True)
     commit = pe.Node(
         CommitDerivatives(staging_dir=str(staging), output_dir=str(config.output_dir)),
         name="commit_derivatives", run_without_submitting=True, overwrite=True,
     )
+    for i, (node, output) in enumerate(staged, start=1):
+        wf.connect(node, output, merge, f"in{i}")
     wf.connect(merge, "out", commit, "in_files")
-    for i, series in enumerate(plan.series):
-        session = f"ses_{series.session}_" if series.session else ""
-        series_wf = init_relaxometry_wf(
-            series, staging_dir=staging, raw_dir=config.bids_dir, fit_model=config.fit_model,
-            omp_nthreads=config.omp_nthreads, precomputed=plan.precomputed.get(i),
-            name=f"{session}{series.target.lower()}_acq_{series.acq or 'none'}_wf",
-        )
-        wf.connect(series_wf, "outputnode.out_files", merge, f"in{i + 1}")
     return wf
+
+
+def _prefix(session: str | None) -> str:
+    return f"ses_{session}_" if session else ""
 
 
 def boilerplate(wf: pe.Workflow) -> str:

@@ -37,7 +37,8 @@ def init_relaxometry_wf(
     With ``precomputed`` (suffix -> file of an existing derivatives dataset), the existing files
     are staged instead of fitting again.
 
-    Outputs (``outputnode``): ``out_files``, the staged images.
+    Outputs (``outputnode``): ``out_files``, the staged images; ``out_map`` and ``out_mask``,
+    the staged map and its validity mask.
     """
     spec = load_schema()["derivatives"]["maps"][series.target]
     quantity = _QUANTITY_LABEL[spec["quantity"]]
@@ -50,7 +51,8 @@ def init_relaxometry_wf(
         f"\n- {quantity} from the {series.suffix} series acq-{series.acq} "
         f"({time_field} {', '.join(f'{1000 * t:g}' for t in series.times)} ms{extra})"
     )
-    outputnode = pe.Node(niu.IdentityInterface(fields=["out_files"]), name="outputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=["out_files", "out_map", "out_mask"]),
+                         name="outputnode")
     entities = {"sub": series.subject, "ses": series.session, "acq": series.acq}
     entities = {k: v for k, v in entities.items() if v}
     sources = [bids_uri(f, raw_dir) for f in series.files]
@@ -105,6 +107,8 @@ def init_relaxometry_wf(
         else:
             continue
         wf.connect(ds, "out_file", merge, f"in{i}")
+        if suffix in (series.target, "mask"):
+            wf.connect(ds, "out_file", outputnode, "out_map" if suffix != "mask" else "out_mask")
     return wf
 
 

@@ -1,0 +1,98 @@
+"""Nipype interfaces around :mod:`spineqprep.segmentation` and region statistics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import pandas as pd
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+from spineqprep.relaxometry.regions import region_statistics
+
+
+class _SegmentSpineInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="sagittal image to segment")
+    weights = traits.Str(desc="a model bundle (folder or .pt) instead of the packaged one")
+    num_threads = traits.Int(1, usedefault=True, desc="threads of the network")
+
+
+class _SegmentSpineOutputSpec(TraitedSpec):
+    out_dseg = File(exists=True, desc="level-labelled segmentation")
+    out_labels = File(exists=True, desc="look-up table of the segmentation (dseg.tsv)")
+    out_probseg = traits.List(File(exists=True), desc="probability map per class")
+    classes = traits.List(traits.Str, desc="class of each probability map")
+    qc = traits.Dict(desc="levels found, flags and whether the labelling is confident")
+
+
+class SegmentSpine(SimpleInterface):
+    """Vertebral bodies, sacrum and discs with their anatomical levels (trained network)."""
+
+    input_spec = _SegmentSpineInputSpec
+    output_spec = _SegmentSpineOutputSpec
+
+    def _run_interface(self, runtime):
+        from spineqprep.segmentation import segment_spine
+        from spineqprep.segmentation.postprocess import label_table
+
+        bundle = self.inputs.weights if isdefined(self.inputs.weights) else None
+        seg = segment_spine(nib.load(self.inputs.in_file), bundle=bundle,
+                            n_threads=self.inputs.num_threads)
+        cwd = Path(runtime.cwd)
+        seg.dseg_img.header.set_xyzt_units("mm")
+        seg.dseg_img.to_filename(cwd / "dseg.nii.gz")
+        pd.DataFrame(label_table(seg.levels), columns=["index", "name", "abbreviation"]).to_csv(
+            cwd / "dseg.tsv", sep="\t", index=False)
+        probs = seg.probseg_img.get_fdata(dtype="float32")
+        files, classes = [], []
+        for k, name in enumerate(seg.classes):
+            if name == "background":
+                continue
+            path = cwd / f"probseg_{name}.nii.gz"
+            prob = nib.Nifti1Image(probs[..., k], seg.probseg_img.affine)
+            prob.header.set_xyzt_units("mm")
+            prob.to_filename(path)
+            files.append(str(path))
+            classes.append(name)
+        self._results.update(
+            out_dseg=str(cwd / "dseg.nii.gz"), out_labels=str(cwd / "dseg.tsv"),
+            out_probseg=files, classes=classes,
+            qc={"Levels": seg.levels, "LevelFlags": list(seg.flags),
+                "LevelsConfident": bool(seg.confident)},
+        )
+        return runtime
+
+
+class _RegionStatisticsInputSpec(BaseInterfaceInputSpec):
+    in_map = File(exists=True, mandatory=True, desc="relaxation map")
+    in_valid = File(exists=True, mandatory=True, desc="validity mask of the fit")
+    in_dseg = File(exists=True, mandatory=True, desc="segmentation")
+    in_labels = File(exists=True, mandatory=True, desc="its look-up table (dseg.tsv)")
+
+
+class _RegionStatisticsOutputSpec(TraitedSpec):
+    out_tsv = File(exists=True, desc="one row per region")
+
+
+class RegionStatistics(SimpleInterface):
+    """Mean, SD and median of a map over each labelled region (valid voxels only)."""
+
+    input_spec = _RegionStatisticsInputSpec
+    output_spec = _RegionStatisticsOutputSpec
+
+    def _run_interface(self, runtime):
+        lut = pd.read_csv(self.inputs.in_labels, sep="\t")
+        names = dict(zip(lut["index"].astype(int), lut["abbreviation"].astype(str), strict=True))
+        table = region_statistics(nib.load(self.inputs.in_map), nib.load(self.inputs.in_valid),
+                                  nib.load(self.inputs.in_dseg), names)
+        out = Path(runtime.cwd) / "regions.tsv"
+        table.to_csv(out, sep="\t", index=False, na_rep="n/a", float_format="%.6g")
+        self._results["out_tsv"] = str(out)
+        return runtime

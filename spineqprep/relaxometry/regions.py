@@ -1,0 +1,45 @@
+"""Whole-region statistics of a relaxation map: the ROI baseline of the publications.
+
+For every labelled region of a segmentation (a disc level, a vertebral body, an endplate), the
+mean, SD and median of the map over the region's voxels where the fit is valid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from nibabel.processing import resample_from_to
+
+COLUMNS = ["region", "index", "n_voxels", "n_valid", "mean", "sd", "median", "p25", "p75"]
+
+
+def on_grid(labels: nib.Nifti1Image, reference: nib.Nifti1Image) -> np.ndarray:
+    """Integer labels on ``reference``'s grid (nearest neighbour when the grids differ)."""
+    same = labels.shape[:3] == reference.shape[:3] and np.allclose(
+        labels.affine, reference.affine, atol=1e-4)
+    if not same:
+        labels = resample_from_to(labels, (reference.shape[:3], reference.affine), order=0)
+    return np.rint(np.asanyarray(labels.dataobj)).astype(np.int32)
+
+
+def region_statistics(map_img: nib.Nifti1Image, valid_img: nib.Nifti1Image,
+                      dseg_img: nib.Nifti1Image, names: Mapping[int, str]) -> pd.DataFrame:
+    """One row per label of ``names`` present in ``dseg_img``: voxel counts and the statistics
+    of the map (in its own units) over the voxels of the region whose fit is valid."""
+    values = np.asanyarray(map_img.dataobj, dtype=np.float64)
+    valid = (np.asanyarray(valid_img.dataobj) > 0) & np.isfinite(values)
+    labels = on_grid(dseg_img, map_img)
+    rows = []
+    for index, name in sorted(names.items()):
+        inside = labels == index
+        n_voxels = int(inside.sum())
+        if not n_voxels:
+            continue
+        v = values[inside & valid]
+        stats = ([v.mean(), v.std(ddof=1) if v.size > 1 else np.nan, *np.percentile(
+            v, [50, 25, 75])] if v.size else [np.nan] * 5)
+        rows.append([name, index, n_voxels, int(v.size), *stats])
+    return pd.DataFrame(rows, columns=COLUMNS)

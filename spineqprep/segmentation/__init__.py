@@ -1,0 +1,72 @@
+"""Segmentation of the lumbar spine: vertebral bodies, sacrum and discs labelled by level.
+
+``segment_spine`` runs the packaged (or a user's) network over the sagittal slices of an image
+(:mod:`.infer`), labels the components inferior to superior from the sacrum (:mod:`.postprocess`)
+and returns the ``_dseg`` and ``_probseg`` images on the image's own grid; :mod:`.localise`
+finds the cartilage-endplate crop. torch and the network load only when a segmentation is made,
+so importing this package stays cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from spineqprep.segmentation.infer import predict_probabilities, sagittal_axis
+from spineqprep.segmentation.postprocess import CLASSES, SpineLabels, label_spine, label_table
+
+
+@dataclass
+class SpineSegmentation:
+    """``dseg_img`` (uint16 schema labels), ``probseg_img`` (float32, one volume per class in
+    ``classes`` order, background first), the labelled ``levels`` (abbreviation -> label),
+    ``flags`` and whether the level labelling is ``confident``."""
+
+    dseg_img: nib.Nifti1Image
+    probseg_img: nib.Nifti1Image
+    levels: dict[str, int]
+    flags: list[str] = field(default_factory=list)
+    confident: bool = True
+    classes: tuple[str, ...] = CLASSES
+
+
+def _spatial_image(data: np.ndarray, img: nib.Nifti1Image) -> nib.Nifti1Image:
+    """``data`` on the grid of ``img`` (its affine and spatial zooms, no intensity scaling)."""
+    out = nib.Nifti1Image(data, img.affine)
+    out.header.set_xyzt_units(*img.header.get_xyzt_units())
+    return out
+
+
+def segment_spine(img: nib.Nifti1Image, *,
+                  bundle: str | Path | tuple[Any, Mapping[str, Any]] | None = None,
+                  n_threads: int = 1, cutoffs: Mapping[str, float] | None = None,
+                  min_volume_mm3: Mapping[str, float] | None = None,
+                  batch_size: int = 16) -> SpineSegmentation:
+    """Segment and level-label the spine on ``img`` (3-D, a single slice, or the first volume
+    of a 4-D series). ``bundle``: ``None`` for the packaged model, a bundle folder / ``.pt``
+    file, or an already loaded ``(model, meta)`` pair; ``cutoffs`` / ``min_volume_mm3``: per
+    structure (``vertebral_body``, ``sacrum``, ``disc``)."""
+    if bundle is None or isinstance(bundle, str | Path):
+        from spineqprep.segmentation.model_io import load_bundle
+
+        model, meta = load_bundle(bundle)
+    else:
+        model, meta = bundle
+    classes = tuple(meta["classes"])
+    probs = predict_probabilities(img, model, meta, n_threads=n_threads, batch_size=batch_size)
+    labels: SpineLabels = label_spine(probs, img.affine, classes=classes, cutoffs=cutoffs,
+                                      min_volume_mm3=min_volume_mm3,
+                                      slice_axis=sagittal_axis(img.affine))
+    return SpineSegmentation(
+        dseg_img=_spatial_image(labels.dseg, img),
+        probseg_img=_spatial_image(probs, img),
+        levels=labels.levels, flags=labels.flags, confident=labels.confident, classes=classes)
+
+
+__all__ = ["SpineLabels", "SpineSegmentation", "label_spine", "label_table",
+           "predict_probabilities", "segment_spine"]

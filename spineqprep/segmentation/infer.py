@@ -1,0 +1,164 @@
+"""Run a 2D segmentation network over the sagittal slices of an image, on any grid.
+
+The network sees every sagittal slice in one canonical in-plane orientation and pixel size
+(the bundle's ``meta["input"]``): rows run along ``inplane[0]`` and columns along ``inplane[1]``
+(nibabel axis codes, default ``"IP"``: top row superior, anterior on the left, the radiological
+sagittal view), resampled linearly to ``spacing_mm`` and padded to a multiple of
+``multiple_of``. Its softmax probabilities are cropped and resampled back to the native pixels of
+each slice, so the result lies exactly on the input grid whatever its orientation (RAS, LPS, PSR,
+AIL, oblique) or voxel size. Slices are not interpolated across: the networks are 2D, as
+published.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+#: In-plane orientation of the network input when the bundle does not give one.
+DEFAULT_INPLANE = "IP"
+_OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "S": "I", "I": "S"}
+
+
+def sagittal_axis(affine: np.ndarray) -> int:
+    """The array axis closest to the scanner's left-right axis (slices along it are sagittal)."""
+    cols = np.asarray(affine, float)[:3, :3]
+    return int(np.argmax(np.abs(cols[0]) / np.linalg.norm(cols, axis=0)))
+
+
+def image_array(img: nib.Nifti1Image) -> np.ndarray:
+    """The image as float32 (X, Y, Z): the first volume of a 4-D series, a trailing axis of
+    length 1 added to a 2-D image."""
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    if data.ndim == 2:
+        data = data[..., None]
+    while data.ndim > 3:
+        data = data[..., 0]
+    return data
+
+
+def plane_layout(affine: np.ndarray, inplane: str = DEFAULT_INPLANE
+                 ) -> tuple[int, tuple[int, int], tuple[bool, bool]]:
+    """``(slice_axis, (row_axis, col_axis), (flip_rows, flip_cols))``: which array axes become
+    the rows and columns of the network input and whether each must be reversed so that rows
+    increase towards ``inplane[0]`` and columns towards ``inplane[1]``."""
+    codes = nib.aff2axcodes(affine)
+    sag = sagittal_axis(affine)
+    others = [a for a in range(3) if a != sag]
+    cols = np.asarray(affine, float)[:3, :3]
+    world = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
+    row_world = world[inplane[0]]
+    # the in-plane axis closer to the rows' world direction carries the rows
+    row_axis = max(others, key=lambda a: abs(cols[row_world, a]) / np.linalg.norm(cols[:, a]))
+    col_axis = others[0] if row_axis == others[1] else others[1]
+
+    def flip(axis: int, code: str) -> bool:
+        direction = np.sign(cols[world[code], axis])
+        want = 1.0 if code in "RAS" else -1.0
+        if direction == 0:  # fall back on the axis code when the cosine vanishes
+            return codes[axis] == _OPPOSITE[code]
+        return bool(direction != want)
+
+    return sag, (row_axis, col_axis), (flip(row_axis, inplane[0]), flip(col_axis, inplane[1]))
+
+
+def _resample_coords(n_in: int, spacing_in: float, spacing_out: float) -> tuple[int, np.ndarray]:
+    """Size of the resampled axis and the input coordinate of each output sample (pixel edges
+    aligned, centres at ``(j + 0.5) * out / in - 0.5``)."""
+    n_out = max(1, round(n_in * spacing_in / spacing_out))
+    scale = n_in / n_out
+    return n_out, (np.arange(n_out) + 0.5) * scale - 0.5
+
+
+def _zoom2d(stack: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Linear resampling of every (H, W) plane of ``stack`` (N, H, W[, C]) at ``rows`` x
+    ``cols`` (input coordinates), edges repeated."""
+    grid = np.meshgrid(rows, cols, indexing="ij")
+    out = np.empty((stack.shape[0], rows.size, cols.size, *stack.shape[3:]), np.float32)
+    for n in range(stack.shape[0]):
+        if stack.ndim == 4:
+            for c in range(stack.shape[3]):
+                out[n, ..., c] = ndimage.map_coordinates(stack[n, ..., c], grid, order=1,
+                                                         mode="nearest")
+        else:
+            out[n] = ndimage.map_coordinates(stack[n], grid, order=1, mode="nearest")
+    return out
+
+
+def _network_input(meta: Mapping[str, Any]) -> tuple[float, int, str]:
+    spec = meta.get("input", {})
+    return (float(spec.get("spacing_mm", 1.0)), int(spec.get("multiple_of", 1)),
+            str(spec.get("inplane", DEFAULT_INPLANE)))
+
+
+def predict_probabilities(img: nib.Nifti1Image, model: Any, meta: Mapping[str, Any], *,
+                          n_threads: int = 1, batch_size: int = 16,
+                          normaliser: Callable[[np.ndarray, Mapping[str, Any]], np.ndarray]
+                          | None = None) -> np.ndarray:
+    """Class probabilities (X, Y, Z, n_classes), float32, on the grid of ``img``.
+
+    ``model`` maps a float tensor (N, 1, H, W), normalised with the bundle's ``normalise``, to
+    logits (N, n_classes, H, W); it runs in batches of ``batch_size`` slices under
+    ``torch.inference_mode`` with ``n_threads`` intra-op threads (restored afterwards).
+    ``normaliser(slice, meta)`` defaults to the bundle's ``model_io.normalise`` (applied to each
+    resampled 2D slice). Deterministic for a given model and thread count."""
+    import torch
+
+    if normaliser is None:
+        from spineqprep.segmentation.model_io import normalise as normaliser
+    data = image_array(img)
+    affine = np.asarray(img.affine, float)
+    spacing_mm, multiple, inplane = _network_input(meta)
+    n_classes = len(meta["classes"])
+    sag, (row_ax, col_ax), (flip_r, flip_c) = plane_layout(affine, inplane)
+    stack = np.transpose(data, (sag, row_ax, col_ax))
+    if flip_r:
+        stack = stack[:, ::-1]
+    if flip_c:
+        stack = stack[:, :, ::-1]
+    zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    h_out, rows = _resample_coords(stack.shape[1], zooms[row_ax], spacing_mm)
+    w_out, cols = _resample_coords(stack.shape[2], zooms[col_ax], spacing_mm)
+    slices = _zoom2d(np.ascontiguousarray(stack), rows, cols)
+    pad_h, pad_w = (-h_out) % multiple, (-w_out) % multiple
+    top, left = pad_h // 2, pad_w // 2
+    batch = np.empty((slices.shape[0], 1, h_out + pad_h, w_out + pad_w), np.float32)
+    for n, plane in enumerate(slices):
+        norm = np.asarray(normaliser(plane, meta), np.float32)
+        batch[n, 0] = np.pad(norm, ((top, pad_h - top), (left, pad_w - left)),
+                             constant_values=float(norm.min()))
+    probs = np.empty((slices.shape[0], h_out, w_out, n_classes), np.float32)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n_threads)))
+    try:
+        was_training = model.training
+        model.eval()
+        with torch.inference_mode():
+            for b in range(0, batch.shape[0], max(1, int(batch_size))):
+                logits = model(torch.from_numpy(batch[b:b + batch_size]))
+                p = torch.softmax(logits.float(), dim=1).numpy()
+                probs[b:b + batch_size] = np.moveaxis(
+                    p[:, :, top:top + h_out, left:left + w_out], 1, -1)
+        model.train(was_training)
+    finally:
+        torch.set_num_threads(previous)
+    native = _zoom2d(probs, _native(stack.shape[1], h_out), _native(stack.shape[2], w_out))
+    if flip_r:
+        native = native[:, ::-1]
+    if flip_c:
+        native = native[:, :, ::-1]
+    order = np.argsort((sag, row_ax, col_ax))
+    out = np.transpose(native, (*order, 3))
+    total = out.sum(-1, keepdims=True)
+    return np.ascontiguousarray(out / np.where(total > 0, total, 1.0), dtype=np.float32)
+
+
+def _native(n_native: int, n_resampled: int) -> np.ndarray:
+    """Coordinates in the resampled axis of the native pixel centres (inverse of
+    :func:`_resample_coords`)."""
+    scale = n_resampled / n_native
+    return (np.arange(n_native) + 0.5) * scale - 0.5

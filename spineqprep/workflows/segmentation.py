@@ -1,0 +1,140 @@
+"""Segmentation of one sagittal image (vertebral bodies, sacrum, discs with their levels), and
+whole-region statistics of the maps on the same grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from spineqprep.bids.derivatives import bids_uri
+from spineqprep.interfaces.bids import DerivativesDataSink
+from spineqprep.interfaces.segmentation import RegionStatistics, SegmentSpine
+
+#: BIDS ``label-`` value of each network class's probability map
+PROBSEG_LABELS = {"vertebral_body": "VB", "sacrum": "sacrum", "disc": "disc"}
+
+REGION_COLUMNS = {
+    "region": {"Description": "Abbreviation of the region in the segmentation's dseg.tsv"},
+    "index": {"Description": "Label of the region in the segmentation"},
+    "n_voxels": {"Description": "Voxels of the region"},
+    "n_valid": {"Description": "Voxels of the region where the fit is valid (used below)"},
+    "mean": {"Description": "Mean relaxation time over the valid voxels", "Units": "s"},
+    "sd": {"Description": "Standard deviation over the valid voxels", "Units": "s"},
+    "median": {"Description": "Median over the valid voxels", "Units": "s"},
+    "p25": {"Description": "25th percentile over the valid voxels", "Units": "s"},
+    "p75": {"Description": "75th percentile over the valid voxels", "Units": "s"},
+}
+
+
+def init_spine_segmentation_wf(
+    in_file: Path,
+    entities: dict[str, str],
+    *,
+    staging_dir: Path,
+    raw_dir: Path,
+    weights: Path | None = None,
+    omp_nthreads: int = 1,
+    precomputed: tuple[Path, Path] | None = None,
+    name: str = "spine_seg_wf",
+) -> pe.Workflow:
+    """Segment ``in_file`` (or reuse a precomputed ``(dseg, dseg.tsv)``) and stage the result.
+
+    Outputs (``outputnode``): ``out_files`` (staged), ``dseg`` and ``labels`` (its look-up
+    table) for region statistics.
+    """
+    wf = pe.Workflow(name=name)
+    outputnode = pe.Node(niu.IdentityInterface(fields=["out_files", "dseg", "labels"]),
+                         name="outputnode")
+    source = [bids_uri(in_file, raw_dir)]
+    sink = {"base_directory": str(staging_dir), "entities": entities, "suffix": "dseg"}
+    ds_dseg = pe.Node(DerivativesDataSink(**sink, sources=source), name="ds_dseg",
+                      run_without_submitting=True)
+    ds_labels = pe.Node(DerivativesDataSink(**sink), name="ds_labels",
+                        run_without_submitting=True)
+    if precomputed:
+        wf.__desc__ = f"\n- segmentation of acq-{entities.get('acq')} reused from {precomputed[0]}"
+        ds_dseg.inputs.in_file, ds_labels.inputs.in_file = map(str, precomputed)
+        ds_dseg.inputs.sources = [*source, str(precomputed[0])]  # the image, then the labels
+        ds_dseg.inputs.meta_dict = {"Description": "Segmentation given with --derivatives."}
+        merge = pe.Node(niu.Merge(2), name="merge_outputs", run_without_submitting=True)
+    else:
+        wf.__desc__ = (
+            f"\n- vertebral bodies, sacrum and intervertebral discs segmented on "
+            f"{Path(in_file).name} by spineqprep's 2D U-Net (per sagittal slice), connected "
+            "components above a minimum volume, and anatomical levels assigned inferior to "
+            "superior from the sacrum"
+        )
+        seg = pe.Node(SegmentSpine(in_file=str(in_file), num_threads=omp_nthreads),
+                      name="segment", n_procs=omp_nthreads)
+        if weights:
+            seg.inputs.weights = str(weights)
+        ds_dseg.inputs.meta_dict = {
+            "Description": "Vertebral bodies, sacrum and discs labelled by anatomical level "
+            "(spineqprep.segmentation); LevelFlags lists why a labelling is doubtful.",
+            "Model": str(weights) if weights else "spineqprep packaged spine model",
+        }
+        wf.connect([
+            (seg, ds_dseg, [("out_dseg", "in_file"), ("qc", "extra_meta")]),
+            (seg, ds_labels, [("out_labels", "in_file")]),
+        ])
+        ds_prob = pe.MapNode(
+            DerivativesDataSink(base_directory=str(staging_dir), suffix="probseg",
+                                sources=source, meta_dict={"Description":
+                                "Class probability of spineqprep's spine network."}),
+            iterfield=["in_file", "entities"], name="ds_probseg", run_without_submitting=True)
+        probseg_entities = pe.Node(niu.Function(function=_probseg_entities,
+                                                output_names=["entities"]),
+                                   name="probseg_entities", run_without_submitting=True)
+        probseg_entities.inputs.entities = entities
+        probseg_entities.inputs.labels = PROBSEG_LABELS
+        merge = pe.Node(niu.Merge(3, ravel_inputs=True), name="merge_outputs",
+                        run_without_submitting=True)
+        wf.connect([
+            (seg, probseg_entities, [("classes", "classes")]),
+            (seg, ds_prob, [("out_probseg", "in_file")]),
+            (probseg_entities, ds_prob, [("entities", "entities")]),
+            (ds_prob, merge, [("out_file", "in3")]),
+        ])
+    wf.connect([
+        (ds_dseg, merge, [("out_file", "in1")]),
+        (ds_labels, merge, [("out_file", "in2")]),
+        (merge, outputnode, [("out", "out_files")]),
+        (ds_dseg, outputnode, [("out_file", "dseg")]),
+        (ds_labels, outputnode, [("out_file", "labels")]),
+    ])
+    return wf
+
+
+def init_region_statistics_wf(
+    entities: dict[str, str], suffix: str, *, staging_dir: Path, name: str,
+) -> pe.Workflow:
+    """Whole-region statistics of one map over a segmentation on its grid, staged as
+    ``<entities>_desc-regions_<suffix>.tsv``.
+
+    Inputs (``inputnode``): ``map``, ``mask`` (validity), ``dseg``, ``labels``.
+    Outputs (``outputnode``): ``out_file``.
+    """
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=["map", "mask", "dseg", "labels"]),
+                        name="inputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=["out_file"]), name="outputnode")
+    stats = pe.Node(RegionStatistics(), name="region_statistics")
+    ds = pe.Node(DerivativesDataSink(
+        base_directory=str(staging_dir), entities={**entities, "desc": "regions"}, suffix=suffix,
+        meta_dict={"Description": f"Whole-region statistics of the {suffix} over each labelled "
+                   "region of the segmentation on its grid (valid voxels only).",
+                   **REGION_COLUMNS}), name="ds_regions", run_without_submitting=True)
+    wf.connect([
+        (inputnode, stats, [("map", "in_map"), ("mask", "in_valid"), ("dseg", "in_dseg"),
+                            ("labels", "in_labels")]),
+        (stats, ds, [("out_tsv", "in_file")]),
+        (ds, outputnode, [("out_file", "out_file")]),
+    ])
+    return wf
+
+
+def _probseg_entities(entities: dict, classes: list, labels: dict) -> list:
+    """The entities of each class's probability map (``label-<class>``)."""
+    return [{**entities, "label": labels.get(c, c.replace("_", ""))} for c in classes]

@@ -1,0 +1,200 @@
+"""Level labelling from class probabilities, against the synthetic truth on every grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from spineqprep.segmentation.localise import crop, l5_crop_box, label_centroid
+from spineqprep.segmentation.postprocess import (
+    CLASSES,
+    GENERIC_BODY,
+    class_map,
+    label_spine,
+    label_table,
+)
+from spineqprep.synth import generate_dataset
+
+
+@pytest.fixture(scope="module")
+def truth(tmp_path_factory) -> Path:
+    res = generate_dataset(tmp_path_factory.mktemp("synth") / "raw", n_subjects=3, n_sites=3,
+                           seed=11, size="small")
+    return res.truth_dir
+
+
+def _dsegs(truth: Path) -> list[Path]:
+    return sorted(p for p in truth.glob("sub-*/anat/*_dseg.nii.gz") if "tissues" not in p.name)
+
+
+def classes_of(d: np.ndarray) -> np.ndarray:
+    cls = np.zeros(d.shape, int)
+    cls[(d >= 8) & (d <= 25)] = 1
+    cls[d == 26] = 2
+    cls[(d > 100) & (d < 200)] = 3
+    return cls
+
+
+def perturbed_probs(d: np.ndarray, rng: np.random.Generator, noise: float = 1.5,
+                    sigma: float = 0.6) -> np.ndarray:
+    """Softmax of noisy, smoothed one-hot logits of the truth classes."""
+    logits = 4.0 * np.eye(4)[classes_of(d)] + rng.normal(0, noise, (*d.shape, 4))
+    logits = ndimage.gaussian_filter(logits, (sigma, sigma, sigma, 0))
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def wrong_levels(pred: np.ndarray, d: np.ndarray) -> dict[int, int]:
+    """Truth label -> majority predicted label, for every truth structure predicted wrongly."""
+    wrong = {}
+    for label in np.unique(d):
+        if label < 8:
+            continue
+        got = pred[d == label]
+        got = got[got > 0]
+        majority = int(np.bincount(got).argmax()) if got.size else 0
+        if majority != label:
+            wrong[int(label)] = majority
+    return wrong
+
+
+def _world_z(img: nib.Nifti1Image) -> np.ndarray:
+    ijk = np.indices(img.shape[:3]).reshape(3, -1).T
+    return nib.affines.apply_affine(img.affine, ijk)[:, 2].reshape(img.shape[:3])
+
+
+def test_every_level_right_on_every_grid(truth):
+    """All sites (RAS, PSR, AIL, oblique), all grids (T1w/T2w, mapping series, UTE crop)."""
+    rng = np.random.default_rng(0)
+    paths = _dsegs(truth)
+    assert len(paths) >= 9
+    for path in paths:
+        img = nib.load(path)
+        d = np.asarray(img.dataobj).astype(int)
+        res = label_spine(perturbed_probs(d, rng), img.affine)
+        assert res.confident, (path.name, res.flags)
+        assert wrong_levels(res.dseg, d) == {}, path.name
+        present = {int(v) for v in np.unique(d) if v >= 8}
+        assert present <= set(res.levels.values()), path.name
+
+
+def test_reoriented_image_same_labels(truth):
+    img = nib.load(_dsegs(truth)[0])
+    for codes in (("L", "P", "S"), ("P", "S", "R"), ("I", "A", "L")):
+        ornt = nib.orientations.ornt_transform(
+            nib.orientations.io_orientation(img.affine), nib.orientations.axcodes2ornt(codes))
+        other = img.as_reoriented(ornt)
+        od = np.asarray(other.dataobj).astype(int)
+        res = label_spine(perturbed_probs(od, np.random.default_rng(1)), other.affine)
+        assert res.confident and wrong_levels(res.dseg, od) == {}, codes
+
+
+def test_no_sacrum_is_flagged_and_left_unlabelled(truth):
+    img = nib.load(next(p for p in _dsegs(truth) if "acq-sag" in p.name))
+    d = np.asarray(img.dataobj).astype(int)
+    z = _world_z(img)
+    d[z < z[d == 26].max() + 2] = 0  # field of view ending above the sacrum
+    res = label_spine(perturbed_probs(d, np.random.default_rng(2)), img.affine)
+    assert not res.confident
+    assert any("no sacrum" in f for f in res.flags)
+    assert all(v >= GENERIC_BODY for v in res.levels.values())
+    bodies = sorted(v for v in res.levels.values() if v < GENERIC_BODY + 100)
+    assert bodies == list(range(GENERIC_BODY + 1, GENERIC_BODY + 1 + len(bodies)))
+    assert int(res.dseg.max()) >= GENERIC_BODY and not np.isin(res.dseg, [19, 24, 124]).any()
+
+
+@pytest.mark.parametrize("case", ["merged_discs", "missing_body", "merged_bodies",
+                                  "missing_disc"])
+def test_anomalies_are_flagged_and_levels_above_kept(truth, case):
+    img = nib.load(next(p for p in _dsegs(truth) if "acq-sag" in p.name))
+    d = np.asarray(img.dataobj).astype(int)
+    broken = d.copy()
+    if case == "merged_discs":
+        broken[d == 22] = 123  # L3 body read as disc: L3L4, L3, L2L3 one component
+    elif case == "missing_body":
+        broken[d == 22] = 0
+    elif case == "merged_bodies":
+        broken[d == 122] = 22  # L3L4 disc read as bone: L3 and L4 one component
+    else:
+        broken[d == 122] = 0
+    res = label_spine(perturbed_probs(broken, np.random.default_rng(3)), img.affine)
+    assert not res.confident and res.flags
+    for label in (24, 21, 20, 19, 124, 121, 120, 119):  # below and above the damage
+        assert wrong_levels(np.where(d == label, res.dseg, 0), np.where(d == label, d, 0)) \
+            == {}, (case, label, res.flags)
+
+
+def test_off_spine_blob_removed_and_flagged_small_one_dropped(truth):
+    img = nib.load(next(p for p in _dsegs(truth) if "acq-sag" in p.name))
+    d = np.asarray(img.dataobj).astype(int)
+    probs = perturbed_probs(d, np.random.default_rng(4))
+    zooms = np.linalg.norm(img.affine[:3, :3], axis=0)
+    # a big "disc" far anterior in air, and a tiny one (below the mm^3 limit)
+    blob = np.zeros(d.shape, bool)
+    anterior = int(np.argmax(np.abs(img.affine[1, :3])))
+    idx = [slice(s // 2 - 2, s // 2 + 2) for s in d.shape]
+    idx[anterior] = slice(0, max(2, round(12 / zooms[anterior])))
+    blob[tuple(idx)] = True
+    probs[blob] = [0.0, 0.0, 0.0, 1.0]
+    res = label_spine(probs, img.affine)
+    assert any("off the spinal column" in f for f in res.flags)
+    assert not res.dseg[blob].any()
+    assert wrong_levels(res.dseg, d) == {}
+
+
+def test_min_volume_is_in_mm3_whatever_the_voxel_size():
+    for voxel in (0.5, 1.0, 2.0):
+        affine = np.diag([voxel, voxel, voxel, 1.0])
+        n = round(6 / voxel)  # a 6 mm cube = 216 mm^3 of disc
+        probs = np.zeros((3 * n, 3 * n, 3 * n, 4))
+        probs[..., 0] = 1
+        probs[n:2 * n, n:2 * n, n:2 * n] = [0, 0, 0, 1]
+        kept = label_spine(probs, affine, min_volume_mm3={"disc": 200.0})
+        dropped = label_spine(probs, affine, min_volume_mm3={"disc": 250.0})
+        assert kept.dseg.any() and not dropped.dseg.any(), voxel
+
+
+def test_class_map_cutoffs_per_structure():
+    probs = np.array([[0.5, 0.3, 0.0, 0.2], [0.2, 0.45, 0.0, 0.35], [0.9, 0.0, 0.0, 0.1]])
+    assert class_map(probs).tolist() == [0, 0, 0]
+    assert class_map(probs, cutoffs={"vertebral_body": 0.3}).tolist() == [1, 1, 0]
+    assert class_map(probs, cutoffs={"disc": 0.1, "vertebral_body": 0.3}).tolist() == [1, 1, 3]
+    with pytest.raises(ValueError, match="unknown"):
+        class_map(probs, CLASSES, {"endplate": 0.3})
+
+
+def test_label_table_names():
+    rows = label_table({"T12": 19, "L5S1": 124, "T12L1": 119, "V1": 1001, "D1": 1101})
+    names = {r["abbreviation"]: r["name"] for r in rows}
+    assert names["T12"] == "vertebral body T12"
+    assert names["L5S1"] == "intervertebral disc L5-S1"
+    assert names["T12L1"] == "intervertebral disc T12-L1"
+    assert [r["index"] for r in rows] == [19, 119, 124, 1001, 1101]
+
+
+def test_l5_crop_from_t2w_grid_holds_the_endplates(truth):
+    """The L5 centroid of the T2w truth, carried to the UTE grid, lands within a voxel of the
+    UTE L5 in the sagittal plane, and the 64 mm crop holds the L4L5/L5S1 endplates (>= 98 % of
+    each: the generator's UTE field of view is itself 64 mm, centred on L5 +- 3 mm)."""
+    for sub in sorted(p.name for p in truth.glob("sub-*")):
+        anat = truth / sub / "anat"
+        sag = nib.load(anat / f"{sub}_acq-sag_dseg.nii.gz")
+        ute = nib.load(anat / f"{sub}_acq-ute_desc-tissues_dseg.nii.gz")
+        box = l5_crop_box(sag, ute)
+        ute_l5 = label_centroid(nib.load(anat / f"{sub}_acq-ute_dseg.nii.gz"))
+        err = np.linalg.solve(ute.affine[:3, :3], label_centroid(sag) - ute_l5)
+        inplane = [a for a in range(3) if a != int(np.argmax(np.abs(ute.affine[0, :3])))]
+        assert np.all(np.abs(err[inplane]) < 1.0), (sub, err)
+        cropped = crop(ute, box)
+        full, part = np.asarray(ute.dataobj), np.asarray(cropped.dataobj)
+        for label in (423, 523, 424, 524):  # sup/inf endplates of L4L5 and L5S1
+            assert (part == label).sum() >= 0.98 * (full == label).sum() > 0, (sub, label)
+        # every kept voxel keeps its scanner position
+        ijk = np.array(box.start) + 1
+        assert np.allclose(nib.affines.apply_affine(cropped.affine, [1, 1, 1]),
+                           nib.affines.apply_affine(ute.affine, ijk))
+        assert part[1, 1, 1] == full[tuple(ijk)]
