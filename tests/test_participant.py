@@ -372,3 +372,43 @@ def test_manual_masks_from_derivatives_give_region_statistics(synth, processed, 
         assert {"L1L2", "L5S1", "L3", "S1"} <= set(table["region"])
     assert check_derivatives(out) == []
     assert not run_bids_validator(out).errors
+
+
+def test_network_segmentation_against_the_truth(synth, processed) -> None:
+    """Every mapping grid and sagittal T2w is segmented with labelled levels; per-level Dice
+    against the truth, and disc means of the maps from predicted vs true masks."""
+    from spineqprep.metrics.agreement import bland_altman
+    from spineqprep.metrics.evaluate import evaluate_datasets
+
+    out = processed["out"]
+    dsegs = sorted(out.rglob("*_dseg.nii.gz"))
+    # one per mapping grid (MESE and MESL of one acq share it) and per sagittal T2w
+    grids = {(p.parent, p.name.split("_acq-")[0], p.name.split("_acq-")[1].split("_")[0])
+             for p in synth.raw_dir.rglob("*_MES[EL].nii.gz")}
+    assert len(dsegs) == len(grids) + 6
+    table = evaluate_datasets(out, synth.truth_dir, labels=["L1L2", "L2L3", "L3L4", "L4L5",
+                                                            "L5S1", "L1", "L2", "L3", "L4", "L5"])
+    assert len(table) == len(dsegs) * 10
+    dice = table["dice"].to_numpy()
+    assert np.median(dice) >= 0.85, table.groupby("level")["dice"].median()
+    confident = [json.loads(p.with_name(p.name.replace(".nii.gz", ".json")).read_text())[
+        "LevelsConfident"] for p in dsegs]
+    assert np.mean(confident) >= 0.3
+    # disc means (ms) of the fitted maps over predicted vs true masks
+    pred, true = [], []
+    for path in sorted(out.rglob("*_desc-regions_*.tsv")):
+        stem, suffix = path.name.split("_desc-regions_")[0], path.stem.split("_")[-1]
+        values = nib.load(path.with_name(f"{stem}_{suffix}.nii.gz")).get_fdata()
+        labels = np.asarray(nib.load(synth.truth_dir / path.relative_to(out).parent /
+                                     f"{stem}_dseg.nii.gz").dataobj)
+        ours = pd.read_csv(path, sep="\t").set_index("region")
+        for level, index in zip(("L1L2", "L2L3", "L3L4", "L4L5", "L5S1"), range(120, 125),
+                                strict=True):
+            if level in ours.index and (labels == index).sum() > 20:
+                pred.append(ours.loc[level, "mean"] * 1e3)
+                true.append(values[labels == index].mean() * 1e3)
+    agreement = bland_altman(np.array(pred), np.array(true))
+    print("per-level Dice", table.groupby("level")["dice"].median().round(3).to_dict(),
+          "confident", np.mean(confident), "Bland-Altman (ms)", agreement)
+    assert agreement["n"] >= 30
+    assert abs(agreement["bias"]) < 5.0, agreement

@@ -138,8 +138,8 @@ def test_bundle_round_trip_and_errors(tmp_path):
 
 
 #: The packaged model on one held-out small T2w (3.1 mm in-plane, 4 mm slices): pooled 3D Dice
-#: over the volume must reach these modest bars (measured values are in MODEL_CARD.md).
-PACKAGED_MIN_DICE = {"vertebral_body": 0.7, "disc": 0.5}
+#: over the volume must reach these bars (measured 0.89, 0.84, 0.78; MODEL_CARD.md).
+PACKAGED_MIN_DICE = {"vertebral_body": 0.85, "sacrum": 0.7, "disc": 0.7}
 
 
 def test_packaged_bundle_segments_t2w(synth):

@@ -25,13 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("network", choices=NETWORKS, help="which network to train")
     p.add_argument("--out", type=Path, required=True, metavar="DIR",
                    help="bundle folder to write (created)")
-    p.add_argument("--steps", type=int, default=480, metavar="N", help="optimisation steps")
+    p.add_argument("--steps", type=int, default=1800, metavar="N", help="optimisation steps")
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="seed of the sample stream, the weights and the synthetic cohort "
                    "(cohort seed 1000 + S)")
     p.add_argument("--threads", type=int, default=2, metavar="N", help="CPU threads")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="slices per step")
-    p.add_argument("--bank-subjects", type=int, default=60, metavar="N",
+    p.add_argument("--bank-subjects", type=int, default=150, metavar="N",
                    help="synthetic subjects in the slice bank (12 sagittal planes each)")
     p.add_argument("--init", type=Path, metavar="BUNDLE",
                    help="start from this bundle (folder or .pt with .json) instead of random "

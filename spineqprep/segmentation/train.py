@@ -28,7 +28,7 @@ from spineqprep.segmentation.network import build_network, count_parameters
 
 #: Subjects and slices of the default synthetic bank, and of the held-out evaluation bank
 #: (cohort seed ``EVAL_SEED``, disjoint from the training cohorts ``seed + TRAINING_SEED_BASE``).
-BANK = (60, 12)
+BANK = (150, 12)
 EVAL_BANK = (24, 8)
 EVAL_SEED = 999
 DEFAULT_ARCHITECTURE = {"type": "unet2d", "in_channels": 1, "base_filters": 16, "depth": 4,
