@@ -144,6 +144,7 @@ def test_off_spine_blob_removed_and_flagged_small_one_dropped(truth):
     assert any("off the spinal column" in f for f in res.flags)
     assert not res.dseg[blob].any()
     assert wrong_levels(res.dseg, d) == {}
+    assert res.confident  # a removed stray component is a note, not a doubt on the levels
 
 
 def test_min_volume_is_in_mm3_whatever_the_voxel_size():

@@ -8,9 +8,10 @@ the sacrum upwards along the column, following its curve in scanner (world, mm) 
 named L5, L4, ... T12 (T11 and above with the same SPINEPS/VerSe numbering); a disc takes the
 label of the vertebra above it plus 100. Every doubt (no sacrum, a missing or extra component,
 merged bodies, a disc without its neighbours, implausible spacing) is written to ``flags``; the
-labelling is ``confident`` only when there is none. Without a sacrum the vertebrae get generic
-indices (:data:`GENERIC_BODY` + i, :data:`GENERIC_DISC` + i, counted from the lowest one seen)
-because no other cue in these images tells the level reliably.
+labelling is ``confident`` only when there is none (components removed off the column are a
+note: they take no part in the labelling). Without a sacrum the vertebrae get generic indices
+(:data:`GENERIC_BODY` + i, :data:`GENERIC_DISC` + i, counted from the lowest one seen) because
+no other cue in these images tells the level reliably.
 """
 
 from __future__ import annotations
@@ -267,6 +268,10 @@ def label_spine(probs: np.ndarray, affine: np.ndarray, *, classes: Sequence[str]
     return _write(chain, sacra if anchored else [], anchored, shape, flags)
 
 
+#: a flag ending so is a note: those components took no part in the labelling
+_INFORMATIONAL = "off the spinal column removed"
+
+
 def _assign_levels(chain: list[_Component], sacrum: _Component | None, start: np.ndarray,
                    affine: np.ndarray, shape: Sequence[int], flags: list[str]) -> None:
     """Set ``level`` (and ``parts`` of merged bodies) of every chained component, walking up
@@ -390,7 +395,8 @@ def _write(chain: list[_Component], sacra: list[_Component], anchored: bool,
                                else (GENERIC_DISC + k, f"D{k}"))
             put(voxels, label, abbr)
     return SpineLabels(dseg, dict(sorted(levels.items(), key=lambda kv: kv[1])),
-                       list(dict.fromkeys(flags)), not flags)
+                       list(dict.fromkeys(flags)),
+                       not any(not f.endswith(_INFORMATIONAL) for f in flags))
 
 
 def label_table(levels: Mapping[str, int]) -> list[dict[str, object]]:

@@ -1,0 +1,115 @@
+"""Spine segmentation: seconds per image and accuracy, on held-out synthetic subjects and on
+real labelled data when ../shared/data/lumbar-fastcleverseg is present.
+
+    python benchmarks/bench_segmentation.py [--bundle DIR] [--subjects 4] [--size small]
+
+Synthetic: ``generate_dataset(seed=999)`` (anatomy seeds never used in training), every T1w,
+T2w and first mapping image segmented by ``segment_spine`` (network, components, levels) and
+compared per level with the truth. Real (inference only): lumbar-fastcleverseg volumes, class
+Dice within the span of the labelled levels (each set labels only some). Timings are wall
+clock of ``segment_spine`` with 2 threads, printed as seconds per image and per slice, with the
+published figure (0.39 s per slice for all discs) as the reference ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from spineqprep.metrics import dice
+from spineqprep.segmentation import segment_spine
+from spineqprep.segmentation.model_io import load_bundle
+from spineqprep.synth import generate_dataset
+
+LEVELS = {"L1L2": 120, "L2L3": 121, "L3L4": 122, "L4L5": 123, "L5S1": 124,
+          "L1": 20, "L2": 21, "L3": 22, "L4": 23, "L5": 24, "S1": 26}
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "lumbar-fastcleverseg"
+PUBLISHED_S_PER_SLICE = 0.393
+
+
+def synthetic(bundle, subjects: int, size: str) -> pd.DataFrame:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        res = generate_dataset(Path(tmp) / "bids", n_subjects=subjects, n_sites=3, seed=999,
+                               size=size)
+        images = sorted([*res.raw_dir.rglob("*_T1w.nii.gz"), *res.raw_dir.rglob("*_T2w.nii.gz"),
+                         *res.raw_dir.rglob("*_echo-1_MESE.nii.gz"),
+                         *res.raw_dir.rglob("*_tsl-1_MESL.nii.gz")])
+        for path in images:
+            img = nib.load(path)
+            start = time.perf_counter()
+            seg = segment_spine(img, bundle=bundle, n_threads=2)
+            seconds = time.perf_counter() - start
+            stem = path.name.split("_acq-")[0] + "_acq-" + path.name.split("_acq-")[1].split("_")[0]
+            truth = np.asarray(nib.load(res.truth_dir / path.parent.relative_to(res.raw_dir) /
+                                        f"{stem}_dseg.nii.gz").dataobj)
+            pred = np.asarray(seg.dseg_img.dataobj)
+            for level, index in LEVELS.items():
+                if (truth == index).sum() > 20:
+                    rows.append({"image": path.name, "contrast": path.name.split("_")[-1][:-7],
+                                 "level": level, "dice": dice(pred == index, truth == index),
+                                 "confident": seg.confident, "seconds": seconds,
+                                 "slices": img.shape[0]})
+    return pd.DataFrame(rows)
+
+
+def real(bundle) -> pd.DataFrame:
+    """Class Dice on lumbar-fastcleverseg (orientation per its PROVENANCE: sagittal = axis 2)."""
+    from scipy.io import loadmat
+
+    sets = {"IVD": ("IVD/Isotropic/Matlab", "disc"), "VB1": ("VBs/VB1/Isotropic/Matlab", "VB"),
+            "VB2": ("VBs/VB2/Isotropic/Matlab", "VB"), "VB3": ("VBs/VB3/Isotropic/Matlab", "VB")}
+    rows = []
+    for name, (folder, kind) in sets.items():
+        for path in sorted(glob.glob(str(REAL / "ImageDatasets" / folder / "*.mat")))[:4]:
+            mat = loadmat(path)
+            image = mat["I"].astype(np.float32)
+            truth = mat["GT"][: image.shape[0], : image.shape[1], : image.shape[2]] > 0
+            # voxel (row S->I, col A->P, slice L->R) at 1 mm -> a RAS affine
+            affine = np.array([[0, 0, 1, 0], [0, -1, 0, 0], [-1, 0, 0, 0], [0, 0, 0, 1.0]])
+            seg = segment_spine(nib.Nifti1Image(image, affine), bundle=bundle, n_threads=2)
+            labels = np.asarray(seg.dseg_img.dataobj)
+            pred = ((labels >= 100) & (labels < 1000)) | (labels >= 1100) if kind == "disc" \
+                else ((labels > 0) & (labels < 100)) | ((labels >= 1000) & (labels < 1100))
+            span = np.flatnonzero(truth.any(axis=(1, 2)))
+            lo, hi = max(span.min() - 5, 0), span.max() + 6
+            rows.append({"set": name, "case": Path(path).stem, "class": kind,
+                         "dice": dice(pred[lo:hi], truth[lo:hi])})
+    return pd.DataFrame(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", default=None, help="model bundle (default: packaged)")
+    parser.add_argument("--subjects", type=int, default=4)
+    parser.add_argument("--size", default="small", choices=["small", "medium"])
+    args = parser.parse_args()
+    bundle = load_bundle(args.bundle)
+    table = synthetic(bundle, args.subjects, args.size)
+    print("## held-out synthetic (seed 999): median Dice per level and contrast")
+    print(table.pivot_table(index="level", columns="contrast", values="dice",
+                            aggfunc="median").round(3).to_string())
+    per_image = table.drop_duplicates("image")
+    print(f"\nlevels confident in {per_image['confident'].mean():.0%} of "
+          f"{len(per_image)} images")
+    s_per_slice = (per_image["seconds"] / per_image["slices"]).median()
+    print(f"seconds per image {per_image['seconds'].median():.2f} (median), per sagittal slice "
+          f"{s_per_slice:.3f}; published 0.393 s per slice for all discs: ratio "
+          f"{PUBLISHED_S_PER_SLICE / s_per_slice:.1f}x faster")
+    if REAL.is_dir():
+        print("\n## real (lumbar-fastcleverseg, inference only): Dice per case")
+        print(real(bundle).groupby(["set", "class"])["dice"].agg(["mean", "min", "count"])
+              .round(3).to_string())
+    else:
+        print("\n(real data absent: ../shared/data/lumbar-fastcleverseg)")
+
+
+if __name__ == "__main__":
+    main()
