@@ -37,8 +37,8 @@ PUBLISHED_S_PER_SLICE = 0.393
 def synthetic(bundle, subjects: int, size: str) -> pd.DataFrame:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        res = generate_dataset(Path(tmp) / "bids", n_subjects=subjects, n_sites=3, seed=999,
-                               size=size)
+        res = generate_dataset(Path(tmp) / "bids", n_subjects=subjects,
+                               n_sites=min(3, subjects), seed=999, size=size)
         images = sorted([*res.raw_dir.rglob("*_T1w.nii.gz"), *res.raw_dir.rglob("*_T2w.nii.gz"),
                          *res.raw_dir.rglob("*_echo-1_MESE.nii.gz"),
                          *res.raw_dir.rglob("*_tsl-1_MESL.nii.gz")])
