@@ -48,10 +48,6 @@ def _load(path: str) -> dict[str, Any]:
         raise SpineqprepError(f"cannot read the spine-BIDS schema ({err})", path=path) from None
 
 
-def entity_keys(schema: dict[str, Any] | None = None) -> dict[str, str]:
-    """Schema entity name -> file-name key (``{"acquisition": "acq", "tsl": "tsl", ...}``)."""
-    schema = schema or load_schema()
-    return {name: spec["key"] for name, spec in schema["entities"].items()}
 
 
 def pybids_name(key: str, schema: dict[str, Any] | None = None) -> str:

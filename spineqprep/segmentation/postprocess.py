@@ -104,9 +104,6 @@ def class_map(probs: np.ndarray, classes: Sequence[str] = CLASSES,
     return np.where(np.take_along_axis(scores, best[..., None], -1)[..., 0] >= 0, best, 0)
 
 
-def class_probseg(probs: np.ndarray, classes: Sequence[str] = CLASSES) -> dict[str, np.ndarray]:
-    """One float32 probability map (``_probseg``) per structure, background excluded."""
-    return {c: probs[..., i].astype(np.float32) for i, c in enumerate(classes) if i}
 
 
 def _world(affine: np.ndarray, voxels: np.ndarray) -> np.ndarray:
