@@ -53,6 +53,9 @@ class RunConfig:
     fit_model: str = "monoexp"
     segmentation: bool = True
     seg_weights: Path | None = None
+    cep_weights: Path | None = None
+    #: binarisation cut-off per structure (spine classes and endplates); defaults per model
+    cutoffs: dict[str, float] = field(default_factory=dict)
     verbosity: int = 0
     run_uuid: str = ""
     version: str = __version__
@@ -66,6 +69,7 @@ class RunConfig:
         self.work_dir = Path(self.work_dir or Path.cwd() / "work").resolve()
         self.derivatives = [Path(p).resolve() for p in self.derivatives]
         self.seg_weights = Path(self.seg_weights).resolve() if self.seg_weights else None
+        self.cep_weights = Path(self.cep_weights).resolve() if self.cep_weights else None
         self.participant_label = [p.removeprefix("sub-") for p in self.participant_label]
         self.session_label = [s.removeprefix("ses-") for s in self.session_label]
         cpus = len(os.sched_getaffinity(0))

@@ -98,3 +98,13 @@ def test_omp_threads_cannot_exceed_nprocs(raw: Path, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="omp-nthreads"):
         parse_args([str(raw), str(tmp_path / "o"), "participant", "--nprocs", "1",
                     "--omp-nthreads", "2"])
+
+
+def test_cutoffs_per_structure(raw: Path, tmp_path: Path) -> None:
+    config = parse_args([str(raw), str(tmp_path / "out"), "participant", "--cutoff",
+                         "disc=0.4", "--cutoff", "L5S1_inferior=0.3"])
+    assert config.cutoffs == {"disc": 0.4, "L5S1_inferior": 0.3}
+    for bad, message in (("nucleus=0.5", "unknown structure"), ("disc=high", "not a number"),
+                         ("disc=1.5", "between 0 and 1")):
+        with pytest.raises(UsageError, match=message):
+            parse_args([str(raw), str(tmp_path / "out"), "participant", "--cutoff", bad])

@@ -381,7 +381,7 @@ def test_network_segmentation_against_the_truth(synth, processed) -> None:
     from spineqprep.metrics.evaluate import evaluate_datasets
 
     out = processed["out"]
-    dsegs = sorted(out.rglob("*_dseg.nii.gz"))
+    dsegs = sorted(p for p in out.rglob("*_dseg.nii.gz") if "_desc-" not in p.name)
     # one per mapping grid (MESE and MESL of one acq share it) and per sagittal T2w
     grids = {(p.parent, p.name.split("_acq-")[0], p.name.split("_acq-")[1].split("_")[0])
              for p in synth.raw_dir.rglob("*_MES[EL].nii.gz")}
@@ -412,3 +412,41 @@ def test_network_segmentation_against_the_truth(synth, processed) -> None:
           "confident", np.mean(confident), "Bland-Altman (ms)", agreement)
     assert agreement["n"] >= 30
     assert abs(agreement["bias"]) < 5.0, agreement
+
+
+def test_endplates_on_every_ute_series(synth, processed) -> None:
+    """The four endplates on each first UTE echo (crop from the session's T2w L5), with their
+    T2* per endplate; Dice against the truth on the small test grid (0.73-0.89 mm pixels)."""
+    from spineqprep.metrics import dice
+
+    out = processed["out"]
+    utes = sorted(synth.raw_dir.rglob("*_acq-ute_echo-1_MEGRE.nii.gz"))
+    assert len(utes) == 6
+    scores, pred_ms, true_ms = [], [], []
+    for ute in utes:
+        rel = ute.parent.relative_to(synth.raw_dir)
+        stem = ute.name.removesuffix("_echo-1_MEGRE.nii.gz")
+        dseg = out / rel / f"{stem}_desc-endplates_dseg.nii.gz"
+        meta = json.loads(dseg.with_suffix("").with_suffix(".json").read_text())
+        assert set(meta["Cutoffs"]) == {"L4L5_superior", "L4L5_inferior", "L5S1_superior",
+                                        "L5S1_inferior"}
+        for label in ("L4L5superior", "L4L5inferior", "L5S1superior", "L5S1inferior"):
+            assert (out / rel / f"{stem}_label-{label}_probseg.nii.gz").exists()
+        pred = np.asarray(nib.load(dseg).dataobj)
+        ref = np.asarray(nib.load(synth.truth_dir / rel /
+                                  f"{stem}_desc-tissues_dseg.nii.gz").dataobj)
+        scores += [dice(pred == i, ref == i) for i in (423, 523, 424, 524)]
+        table = pd.read_csv(out / rel / f"{stem}_desc-endplates_T2starmap.tsv", sep="\t",
+                            na_values="n/a").set_index("index")
+        t2s = nib.load(out / rel / f"{stem}_T2starmap.nii.gz").get_fdata()
+        valid = np.asarray(nib.load(out / rel / f"{stem}_desc-T2starfit_mask.nii.gz").dataobj) > 0
+        for i in (423, 523, 424, 524):
+            found = i in table.index and np.isfinite(table.loc[i, "mean"])
+            if found and (valid & (ref == i)).any():
+                pred_ms.append(table.loc[i, "mean"] * 1e3)
+                true_ms.append(t2s[valid & (ref == i)].mean() * 1e3)
+    print("endplate Dice", np.round(scores, 3), "T2* pred - true (ms)",
+          np.round(np.subtract(pred_ms, true_ms), 2))
+    assert np.median(scores) >= 0.6, scores
+    assert len(pred_ms) >= 18
+    assert abs(np.mean(np.subtract(pred_ms, true_ms))) < 1.5

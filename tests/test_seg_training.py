@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from spineqprep.cli.train import main as train_main
 from spineqprep.errors import InputError
 from spineqprep.metrics import dice
-from spineqprep.segmentation import augment, model_io, train, trainset
+from spineqprep.segmentation import augment, external, model_io, train, trainset
 from spineqprep.segmentation.network import build_network, count_parameters
 from spineqprep.synth import generate_dataset
 
@@ -89,12 +90,36 @@ def test_tiny_training_reduces_loss(bank):
 
 def test_loss_ignores_unlabelled_pixels():
     logits = torch.randn(1, 4, 8, 8)
-    y = torch.zeros(1, 8, 8, dtype=torch.long)
+    y = np.zeros((1, 8, 8), np.int64)
     y[0, :4] = augment.IGNORE
-    y2 = y.clone()
+    y2 = y.copy()
     y2[0, :4] = 3
-    assert torch.isfinite(train.dice_ce_loss(logits, y))
-    assert not torch.isclose(train.dice_ce_loss(logits, y), train.dice_ce_loss(logits, y2))
+    loss = train.dice_ce_loss(logits, torch.from_numpy(trainset.to_bits(y)))
+    assert torch.isfinite(loss)
+    assert not torch.isclose(loss, train.dice_ce_loss(logits, torch.from_numpy(
+        trainset.to_bits(y2))))
+    # the ignored half changes nothing: same loss as the labelled half alone
+    alone = train.dice_ce_loss(logits[..., 4:, :], torch.from_numpy(trainset.to_bits(y[:, 4:])))
+    assert torch.isclose(loss, alone)
+
+
+def test_partial_labels_sum_the_allowed_classes():
+    """A pixel that may be background, sacrum or disc (a set labelling only vertebral bodies)
+    costs -log(p0 + p2 + p3); the cross-entropy of definite pixels is the usual one."""
+    torch.manual_seed(1)
+    logits = torch.randn(1, 4, 1, 2)
+    p = logits.softmax(dim=1)[0, :, 0]
+    bits = torch.tensor([[[0b1101, 1 << 1]]])
+    total = train.dice_ce_loss(logits, bits)
+    ce = -(torch.log(p[0, 0] + p[2, 0] + p[3, 0]) + torch.log(p[1, 1])) / 2
+    # Dice: class 1 decided on both pixels (positive on the second), classes 2-3 only on the
+    # definite one (negative there)
+    d1 = (2 * p[1, 1] + 1) / (p[1, 0] + p[1, 1] + 1 + 1)
+    d2 = 1.0 / (p[2, 1] + 1)
+    d3 = 1.0 / (p[3, 1] + 1)
+    assert torch.isclose(total, ce + 1 - (d1 + d2 + d3) / 3, atol=1e-6)
+    np.testing.assert_array_equal(trainset.definite_classes(np.array([0b1101, 2, 8, 255])),
+                                  [255, 1, 3, 255])
 
 
 def test_bundle_round_trip_and_errors(tmp_path):
@@ -170,8 +195,11 @@ def test_finetune_pairs_from_derivatives(synth, tmp_path):
     pairs = trainset.find_pairs(deriv)
     assert sorted(p[0].name.split("_")[-1] for p in pairs) == ["T1w.nii.gz", "T2w.nii.gz"]
     slices = trainset.load_labelled_slices(deriv)
-    classes = set(np.unique(np.concatenate([s.target.ravel() for s in slices])))
-    assert classes == {0, 1, 2, 3}
+    # every class labelled: each pixel of the labelled span is definite
+    targets = np.concatenate([s.target.ravel() for s in slices])
+    classes = set(np.unique(trainset.definite_classes(targets)))
+    assert classes == {0, 1, 2, 3, augment.IGNORE}
+    assert set(np.unique(targets)) == {1, 2, 4, 8, augment.IGNORE}
     assert all(s.image.shape == s.target.shape for s in slices)
     # fine-tune a tiny bundle on them (bank and evaluation kept tiny)
     net = build_network(TINY)
@@ -189,3 +217,33 @@ def test_finetune_pairs_from_derivatives(synth, tmp_path):
     empty.mkdir()
     assert train_main(["spine", "--out", str(tmp_path / "x"), "--steps", "1",
                        "--labels-dir", str(empty)]) == 1
+
+
+FASTCLEVERSEG = Path(__file__).resolve().parents[2] / "shared" / "data" / "lumbar-fastcleverseg"
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not FASTCLEVERSEG.is_dir(), reason="../shared/data/lumbar-fastcleverseg absent")
+def test_real_partial_labels_convert_and_load(tmp_path):
+    """FastCleverSeg as spine-BIDS: a vertebral-body set leaves discs and sacrum undecided, a
+    disc set leaves bodies undecided; held-out cases never enter the training split."""
+    train_cases = {(ls.prefix, c) for c, ls, _ in external.cases(FASTCLEVERSEG, "train")}
+    test_cases = {(ls.prefix, c) for c, ls, _ in external.cases(FASTCLEVERSEG, "test")}
+    assert train_cases and test_cases and not train_cases & test_cases
+    src = tmp_path / "src"
+    tune = external.cases(FASTCLEVERSEG, "train")
+    picked = [next(c for c in tune if c[1].prefix == p) for p in ("ivd", "vbthree", "vbtwo")]
+    for _, ls, path in picked:
+        target = src / "ImageDatasets" / ls.folder / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(path)
+    external.convert(src, tmp_path / "bids", "train")
+    slices = trainset.load_labelled_slices(tmp_path / "bids" / "derivatives" / "manual")
+    values = {s.source.split("_")[0]: set() for s in slices}
+    for s in slices:
+        values[s.source.split("_")[0]] |= set(np.unique(s.target).tolist())
+    for subject, seen in values.items():
+        if subject.startswith("sub-ivd"):  # discs labelled; elsewhere background/VB/sacrum
+            assert seen <= {0b1000, 0b0111, augment.IGNORE} and 0b1000 in seen
+        else:  # bodies labelled; elsewhere background/sacrum/disc
+            assert seen <= {0b0010, 0b1101, augment.IGNORE} and 0b0010 in seen

@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seg-weights", type=Path, metavar="PATH",
                    help="a spine segmentation model bundle (folder with weights.pt and "
                    "model.json, e.g. from spineqprep-train) instead of the packaged one")
+    g.add_argument("--cep-weights", type=Path, metavar="PATH",
+                   help="a cartilage-endplate model bundle (spineqprep-train endplates) instead "
+                   "of the packaged one")
+    g.add_argument("--cutoff", action="append", metavar="STRUCTURE=P", default=None,
+                   help="probability cut-off of one structure (repeatable): vertebral_body, "
+                   "sacrum, disc (default 0.5) or an endplate L4L5_superior, L4L5_inferior, "
+                   "L5S1_superior, L5S1_inferior (published defaults 0.24, 0.32, 0.24, 0.30)")
     g.add_argument("--no-segmentation", dest="segmentation", action="store_false", default=None,
                    help="maps only: no segmentation and no region statistics")
     g.add_argument("--reports-only", action="store_true", default=None,
@@ -105,6 +112,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         "fit_model": ns.fit_model,
         "segmentation": ns.segmentation,
         "seg_weights": ns.seg_weights,
+        "cep_weights": ns.cep_weights,
+        "cutoffs": _parse_cutoffs(ns.cutoff) if ns.cutoff else None,
         "verbosity": ns.verbosity,
         "plugin": ns.plugin,
     }
@@ -160,3 +169,26 @@ def _read_plugin(path: Path) -> tuple[str | None, dict[str, Any]]:
     if not isinstance(args, dict):
         raise UsageError("'plugin_args' must be a mapping", path=path)
     return data.get("plugin"), args
+
+
+#: Structures whose probability cut-off ``--cutoff`` sets.
+CUTOFF_STRUCTURES = ("vertebral_body", "sacrum", "disc", "L4L5_superior", "L4L5_inferior",
+                     "L5S1_superior", "L5S1_inferior")
+
+
+def _parse_cutoffs(items: list[str]) -> dict[str, float]:
+    """``["disc=0.4", "L4L5_superior=0.3"]`` -> {structure: cut-off}, checked."""
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in CUTOFF_STRUCTURES:
+            raise UsageError(f"--cutoff {item}: unknown structure {name!r}",
+                             fix=f"use one of {', '.join(CUTOFF_STRUCTURES)}")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise UsageError(f"--cutoff {item}: {value!r} is not a number",
+                             fix="write STRUCTURE=P with P between 0 and 1") from None
+        if not 0.0 < out[name] < 1.0:
+            raise UsageError(f"--cutoff {item}: the cut-off must lie between 0 and 1")
+    return out

@@ -157,13 +157,21 @@ def _plan_subject(config: RunConfig, subject: str) -> SubjectPlan:
     structurals = collect_structurals(config.bids_dir, subject,
                                       sessions=config.session_label or None,
                                       bids_filters=config.bids_filters or None)
+    located: dict[str | None, tuple[str | None, str | None]] = {}  # session -> L5 locator
     for preferred in ("T2w", "T1w"):  # one sagittal structural per session: T2w, else T1w
         for image in structurals:
             if image.suffix == preferred:
                 segment.setdefault((image.session, image.acq), image.path)
+                located.setdefault(image.session, (image.session, image.acq))
+    endplates = {}
+    for s in series:
+        if s.suffix == "MEGRE":  # UTE: endplates in the crop around L5 of the session's spine
+            others = [k for k in segment if k[0] == s.session and k != (s.session, s.acq)]
+            locator = located.get(s.session) or (others or [(s.session, s.acq)])[0]
+            endplates[(s.session, s.acq)] = (s.files[0], locator)
     masks = {key: found for key in segment if (found := _precomputed_mask(config, subject, *key))}
     return SubjectPlan(subject=subject, series=series, precomputed=precomputed,
-                       segment=segment, masks=masks)
+                       segment=segment, masks=masks, endplates=endplates)
 
 
 def _precomputed_mask(config: RunConfig, subject: str, session: str | None,

@@ -9,17 +9,19 @@ from pathlib import Path
 from spineqprep import __version__
 from spineqprep.errors import SpineqprepError, UsageError
 
-NETWORKS = ("spine",)
+NETWORKS = ("spine", "endplates")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (kept separate so docs and tests can inspect it)."""
     p = argparse.ArgumentParser(
         prog="spineqprep-train",
-        description="Train the spine segmentation network (background, vertebral body, sacrum, "
-        "disc; 2D per sagittal slice) on domain-randomised synthetic anatomy, or fine-tune a "
-        "bundle on your own manual labels (BIDS derivatives: *_dseg.nii.gz + dseg.tsv). Writes "
-        "a bundle folder (weights.pt + model.json) that --seg-weights accepts.",
+        description="Train a segmentation network on domain-randomised synthetic anatomy: "
+        "'spine' (background, vertebral body, sacrum, disc; 2D per sagittal slice), which also "
+        "fine-tunes on your own manual labels (BIDS derivatives: *_dseg.nii.gz + dseg.tsv), or "
+        "'endplates' (the four L4-L5 / L5-S1 cartilage endplates on the first UTE echo, 64 x 64 "
+        "mm crop around L5, 0.5 mm pixels). Writes a bundle folder (weights.pt + model.json) "
+        "that --seg-weights / --cep-weights accept.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("network", choices=NETWORKS, help="which network to train")
@@ -31,15 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "(cohort seed 1000 + S)")
     p.add_argument("--threads", type=int, default=2, metavar="N", help="CPU threads")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="slices per step")
-    p.add_argument("--bank-subjects", type=int, default=150, metavar="N",
-                   help="synthetic subjects in the slice bank (12 sagittal planes each)")
+    p.add_argument("--bank-subjects", type=int, metavar="N",
+                   help="synthetic subjects in the slice bank (default: 150 subjects x 12 "
+                   "planes for spine, 120 x 10 for endplates)")
     p.add_argument("--init", type=Path, metavar="BUNDLE",
                    help="start from this bundle (folder or .pt with .json) instead of random "
                    "weights")
     p.add_argument("--labels-dir", type=Path, metavar="DERIV_DIR",
-                   help="BIDS derivatives with manual *_dseg.nii.gz (+ dseg.tsv) to fine-tune "
-                   "on; images are found in the raw dataset (DatasetLinks 'raw' or the dataset "
-                   "the derivatives folder sits in); half of every batch comes from them")
+                   help="(spine) BIDS derivatives with manual *_dseg.nii.gz (+ dseg.tsv) to "
+                   "fine-tune on; images are found in the raw dataset (DatasetLinks 'raw' or the "
+                   "dataset the derivatives folder sits in); half of every batch comes from them")
     p.add_argument("--lr", type=float, metavar="RATE",
                    help="learning rate (default 2e-3, 3e-4 with --init)")
     p.add_argument("--version", action="version", version=f"spineqprep-train {__version__}")
@@ -51,17 +54,30 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         for name in ("steps", "threads", "batch_size", "bank_subjects"):
-            if getattr(args, name) < 1:
+            if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        if args.network == "endplates" and args.labels_dir:
+            raise UsageError("--labels-dir fine-tunes the spine network only",
+                             fix="train 'endplates' on synthetic data, or fine-tune 'spine'")
         if args.out.exists() and not args.out.is_dir():
             raise UsageError("exists and is not a folder", path=args.out,
                              fix="choose a new folder for the bundle")
-        from spineqprep.segmentation.train import BANK, train_spine
+        def log(msg: str) -> None:
+            print(msg, flush=True)
 
-        train_spine(args.out, args.steps, seed=args.seed, threads=args.threads, init=args.init,
-                    labels_dir=args.labels_dir, bank_size=(args.bank_subjects, BANK[1]),
-                    batch_size=args.batch_size, lr=args.lr,
-                    log=lambda msg: print(msg, flush=True))
+        if args.network == "endplates":
+            from spineqprep.segmentation.endplates import BANK, train_endplates
+
+            train_endplates(args.out, args.steps, seed=args.seed, threads=args.threads,
+                            init=args.init, bank_size=(args.bank_subjects or BANK[0], BANK[1]),
+                            batch_size=args.batch_size, lr=args.lr, log=log)
+        else:
+            from spineqprep.segmentation.train import BANK, train_spine
+
+            train_spine(args.out, args.steps, seed=args.seed, threads=args.threads,
+                        init=args.init, labels_dir=args.labels_dir,
+                        bank_size=(args.bank_subjects or BANK[0], BANK[1]),
+                        batch_size=args.batch_size, lr=args.lr, log=log)
     except SpineqprepError as err:
         print(f"spineqprep-train: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -21,6 +21,7 @@ from spineqprep.relaxometry.regions import region_statistics
 class _SegmentSpineInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="sagittal image to segment")
     weights = traits.Str(desc="a model bundle (folder or .pt) instead of the packaged one")
+    cutoffs = traits.Dict(desc="binarisation cut-off per class (others are ignored)")
     num_threads = traits.Int(1, usedefault=True, desc="threads of the network")
 
 
@@ -40,11 +41,13 @@ class SegmentSpine(SimpleInterface):
 
     def _run_interface(self, runtime):
         from spineqprep.segmentation import segment_spine
-        from spineqprep.segmentation.postprocess import label_table
+        from spineqprep.segmentation.postprocess import CLASSES, label_table
 
         bundle = self.inputs.weights if isdefined(self.inputs.weights) else None
+        cutoffs = self.inputs.cutoffs if isdefined(self.inputs.cutoffs) else {}
         seg = segment_spine(nib.load(self.inputs.in_file), bundle=bundle,
-                            n_threads=self.inputs.num_threads)
+                            n_threads=self.inputs.num_threads,
+                            cutoffs={k: v for k, v in cutoffs.items() if k in CLASSES})
         cwd = Path(runtime.cwd)
         seg.dseg_img.header.set_xyzt_units("mm")
         seg.dseg_img.to_filename(cwd / "dseg.nii.gz")
@@ -95,4 +98,56 @@ class RegionStatistics(SimpleInterface):
         out = Path(runtime.cwd) / "regions.tsv"
         table.to_csv(out, sep="\t", index=False, na_rep="n/a", float_format="%.6g")
         self._results["out_tsv"] = str(out)
+        return runtime
+
+
+class _SegmentEndplatesInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="first UTE echo")
+    in_locator = File(exists=True, mandatory=True,
+                      desc="a level-labelled segmentation of the same exam (finds L5)")
+    weights = traits.Str(desc="an endplate model bundle instead of the packaged one")
+    cutoffs = traits.Dict(desc="binarisation cut-off per endplate class")
+    num_threads = traits.Int(1, usedefault=True, desc="threads of the network")
+
+
+class _SegmentEndplatesOutputSpec(TraitedSpec):
+    out_dseg = File(exists=True, desc="endplate segmentation on the UTE grid")
+    out_labels = File(exists=True, desc="its look-up table (dseg.tsv)")
+    out_probseg = traits.List(File(exists=True), desc="probability map per endplate")
+    classes = traits.List(traits.Str, desc="endplate of each probability map")
+    qc = traits.Dict(desc="crop, voxels found per endplate and flags")
+
+
+class SegmentEndplates(SimpleInterface):
+    """The four L4-L5 / L5-S1 cartilage endplates in the 64 x 64 mm crop around L5."""
+
+    input_spec = _SegmentEndplatesInputSpec
+    output_spec = _SegmentEndplatesOutputSpec
+
+    def _run_interface(self, runtime):
+        from spineqprep.segmentation.endplates import CLASSES, endplate_table, segment_endplates
+
+        bundle = self.inputs.weights if isdefined(self.inputs.weights) else None
+        cutoffs = self.inputs.cutoffs if isdefined(self.inputs.cutoffs) else {}
+        seg = segment_endplates(nib.load(self.inputs.in_file), nib.load(self.inputs.in_locator),
+                                bundle=bundle, n_threads=self.inputs.num_threads,
+                                cutoffs={k: v for k, v in cutoffs.items() if k in CLASSES})
+        cwd = Path(runtime.cwd)
+        seg.dseg_img.header.set_xyzt_units("mm")
+        seg.dseg_img.to_filename(cwd / "dseg.nii.gz")
+        pd.DataFrame(endplate_table()).to_csv(cwd / "dseg.tsv", sep="\t", index=False)
+        probs = seg.probseg_img.get_fdata(dtype="float32")
+        files = []
+        for k, name in enumerate(seg.classes[1:], start=1):
+            path = cwd / f"probseg_{name}.nii.gz"
+            prob = nib.Nifti1Image(probs[..., k], seg.probseg_img.affine)
+            prob.header.set_xyzt_units("mm")
+            prob.to_filename(path)
+            files.append(str(path))
+        self._results.update(
+            out_dseg=str(cwd / "dseg.nii.gz"), out_labels=str(cwd / "dseg.tsv"),
+            out_probseg=files, classes=list(seg.classes[1:]),
+            qc={"CropStart": list(seg.box.start), "CropStop": list(seg.box.stop),
+                "Cutoffs": seg.cutoffs, "VoxelsFound": seg.found, "Flags": list(seg.flags)},
+        )
         return runtime

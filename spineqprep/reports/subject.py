@@ -166,14 +166,21 @@ def _segmentation_blocks(output_dir: Path, subject: str, sessions: Sequence[str]
         source = resolve_source(sources[0], bids_dir, output_dir) if sources else None
         figure = plot_dseg_figure(load_image(source) if source else None, load_image(path),
                                   names, figures / f"{stem}_dseg.png")
-        flags = meta.get("LevelFlags") or []
-        check = ("levels confident" if meta.get("LevelsConfident", True) else
-                 "LEVELS DOUBTFUL") + (": " + "; ".join(flags) if flags else "")
+        if "VoxelsFound" in meta:  # cartilage endplates
+            flags = meta.get("Flags") or []
+            found = [k.replace("_", " ") for k, n in meta["VoxelsFound"].items() if n]
+            check = (f"{len(found)} of {len(meta['VoxelsFound'])} endplates found"
+                     + (": " + "; ".join(flags) if flags else ""))
+        else:
+            flags = meta.get("LevelFlags") or []
+            check = ("levels confident" if meta.get("LevelsConfident", True) else
+                     "LEVELS DOUBTFUL") + (": " + "; ".join(flags) if flags else "")
         html = [f'<h3 id="{esc(stem)}_dseg">Segmentation {esc(stem)}</h3>',
                 f'<figure><img src="{esc(figure.relative_to(output_dir).as_posix())}" '
                 f'alt="segmentation {esc(stem)}"><figcaption>{esc(check)}. Labels over '
                 f"{esc(Path(sources[0]).name if sources else 'no image')}.</figcaption></figure>"]
-        for regions in sorted(path.parent.glob(f"{stem}_desc-regions_*.tsv")):
+        pattern = f"{stem}_*map.tsv" if "_desc-" in stem else f"{stem}_desc-regions_*.tsv"
+        for regions in sorted(path.parent.glob(pattern)):
             table_ = pd.read_csv(regions, sep="\t", na_values="n/a")
             for col in ("mean", "sd", "median"):
                 table_[f"{col}_ms"] = table_[col] * 1e3

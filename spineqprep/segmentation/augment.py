@@ -79,15 +79,16 @@ def bias_field(rng: np.random.Generator, shape: tuple[int, int], strength: float
     return np.exp(field[:shape[0], :shape[1]])
 
 
-def degrade(rng: np.random.Generator, image: np.ndarray, spacing_mm: float) -> np.ndarray:
+def degrade(rng: np.random.Generator, image: np.ndarray, spacing_mm: float,
+            spacing_range_mm: tuple[float, float] = SPACING_RANGE_MM) -> np.ndarray:
     """Simulate an acquisition of ``image`` (on a grid of ``spacing_mm``): bias field, lower
-    in-plane resolution (blur + resample to a random spacing per axis), Rician noise at a random
-    SNR on that grid, resampling back, and a random gamma."""
+    in-plane resolution (blur + resample to a random spacing per axis in ``spacing_range_mm``),
+    Rician noise at a random SNR on that grid, resampling back, and a random gamma."""
     shape = image.shape
     image = image * bias_field(rng, shape)
     top = float(np.percentile(image, 99.5)) or 1.0
     image = image / top
-    spacing = rng.uniform(*SPACING_RANGE_MM, 2)
+    spacing = rng.uniform(*spacing_range_mm, 2)
     factors = np.clip(spacing_mm / spacing, None, 1.0)  # < 1: coarser than the network grid
     sigma = 0.42 / factors * (factors < 1)
     low = ndimage.gaussian_filter(image, sigma) if (factors < 1).any() else image

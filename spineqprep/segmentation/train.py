@@ -18,7 +18,6 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
@@ -35,42 +34,58 @@ DEFAULT_ARCHITECTURE = {"type": "unet2d", "in_channels": 1, "base_filters": 16, 
                         "n_classes": len(trainset.CLASSES)}
 
 
-def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy + (1 - mean soft Dice of the foreground classes); pixels labelled
-    ``augment.IGNORE`` count in neither."""
-    valid = target != trainset.augment.IGNORE
-    ce = F.cross_entropy(logits, torch.where(valid, target, 0), reduction="none")
-    ce = (ce * valid).sum() / valid.sum().clamp(min=1)
-    prob = logits.softmax(dim=1) * valid[:, None]
-    onehot = F.one_hot(torch.where(valid, target, 0), logits.shape[1]).permute(0, 3, 1, 2)
-    onehot = onehot * valid[:, None]
-    inter = (prob * onehot).sum(dim=(0, 2, 3))[1:]
-    total = (prob + onehot).sum(dim=(0, 2, 3))[1:]
+def dice_ce_loss(logits: torch.Tensor, allowed: torch.Tensor,
+                 class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy + (1 - mean soft Dice of the foreground classes) for targets given as
+    bitmasks of the classes each pixel may belong to (:func:`trainset.to_bits`): one bit set
+    is an ordinary label; several bits a partial label (a dataset that labels only some
+    structures: the cross-entropy is then that of the allowed classes' summed probability, and a
+    class's Dice counts the pixel only where that class is decided); all bits
+    (``augment.IGNORE``) count in neither. ``class_weights`` weight the cross-entropy of
+    definite pixels per class (thin structures such as the endplates)."""
+    n = logits.shape[1]
+    bits = ((allowed[:, None] >> torch.arange(n).view(1, n, 1, 1)) & 1).bool()
+    count = bits.sum(dim=1)
+    valid, definite = count < n, count == 1
+    logp = logits.log_softmax(dim=1)
+    nll = -torch.logsumexp(logp.masked_fill(~bits, float("-inf")), dim=1)
+    weight = valid.float()
+    if class_weights is not None:
+        weight = torch.where(definite, class_weights[bits.float().argmax(dim=1)], weight)
+    ce = (torch.where(valid, nll, 0.0) * weight).sum() / valid.sum().clamp(min=1)
+    prob = logp.exp()
+    decided = (definite[:, None] | ~bits).float()
+    positive = (definite[:, None] & bits).float()
+    inter = (prob * positive).sum(dim=(0, 2, 3))[1:]
+    total = (prob * decided + positive).sum(dim=(0, 2, 3))[1:]
     return ce + 1.0 - ((2 * inter + 1.0) / (total + 1.0)).mean()
 
 
-def batch_dice(logits: torch.Tensor, target: torch.Tensor) -> np.ndarray:
-    """Hard Dice per foreground class over a batch."""
+def batch_dice(logits: torch.Tensor, allowed: torch.Tensor) -> np.ndarray:
+    """Hard Dice per foreground class over the pixels of a batch with a definite label."""
+    ref = trainset.definite_classes(allowed.numpy())
+    known = ref != trainset.augment.IGNORE
     pred = logits.argmax(dim=1).numpy()
-    ref = target.numpy()
-    return np.array([dice(pred == c, ref == c) for c in range(1, logits.shape[1])])
+    return np.array([dice((pred == c) & known, ref == c) for c in range(1, logits.shape[1])])
 
 
 def train(model: nn.Module, stream: trainset.SampleStream, steps: int, lr: float = 2e-3,
           log: Callable[[str], None] = print, checkpoint: Path | None = None,
-          every: int = 50) -> list[dict[str, float]]:
+          every: int = 50, classes: Sequence[str] = trainset.CLASSES,
+          class_weights: Sequence[float] | None = None) -> list[dict[str, float]]:
     """Adam on ``stream.batch(0 .. steps - 1)`` with a cosine learning-rate decay; prints step,
-    loss, running Dice per class and seconds; saves the state dict to ``checkpoint`` every
-    ``every`` steps. Returns the per-step history."""
+    loss, running Dice per class (``classes``, background first) and seconds; saves the state
+    dict to ``checkpoint`` every ``every`` steps. Returns the per-step history."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(s / max(steps, 1), 1.0))))
     model.train()
+    weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
     history, running, start = [], None, time.perf_counter()
     for step in range(steps):
         x, y = stream.batch(step)
         logits = model(x)
-        loss = dice_ce_loss(logits, y)
+        loss = dice_ce_loss(logits, y, weights)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -80,8 +95,8 @@ def train(model: nn.Module, stream: trainset.SampleStream, steps: int, lr: float
         history.append({"step": step + 1, "loss": loss.item(), "seconds":
                         time.perf_counter() - start})
         if (step + 1) % every == 0 or step + 1 == steps:
-            log(f"step {step + 1}/{steps}  loss {loss.item():.3f}  dice VB {running[0]:.3f} "
-                f"sacrum {running[1]:.3f} disc {running[2]:.3f}  "
+            scores = " ".join(f"{c} {d:.3f}" for c, d in zip(classes[1:], running, strict=True))
+            log(f"step {step + 1}/{steps}  loss {loss.item():.3f}  dice {scores}  "
                 f"{time.perf_counter() - start:.0f} s")
             if checkpoint is not None:
                 torch.save({"step": step + 1, "model": model.state_dict(),
@@ -92,19 +107,21 @@ def train(model: nn.Module, stream: trainset.SampleStream, steps: int, lr: float
 
 @torch.no_grad()
 def evaluate_slices(model: nn.Module, bank: trainset.SliceBank, seed: int = EVAL_SEED,
-                    n: int = 96, size: int = 128) -> dict[str, float]:
+                    n: int = 96, size: int = 128, classes: Sequence[str] = trainset.CLASSES,
+                    sampler: Callable[..., tuple[np.ndarray, np.ndarray]]
+                    = trainset.synthetic_sample) -> dict[str, float]:
     """Dice per class, pooled over ``n`` randomised held-out slices (the training
     distribution, on anatomies the network never saw)."""
     model.eval()
-    stream = trainset.SampleStream(bank, seed, batch_size=8, size=size)
+    stream = trainset.SampleStream(bank, seed, batch_size=8, size=size, sampler=sampler)
     preds, refs = [], []
     for step in range(int(np.ceil(n / 8))):
         x, y = stream.batch(step)
         preds.append(model(x).argmax(dim=1).numpy())
-        refs.append(y.numpy())
+        refs.append(trainset.definite_classes(y.numpy()))
     pred, ref = np.concatenate(preds), np.concatenate(refs)
-    return {name: round(dice(pred == c, ref == c), 4)
-            for c, name in enumerate(trainset.CLASSES) if c}
+    pred = np.where(ref == trainset.augment.IGNORE, 0, pred)
+    return {name: round(dice(pred == c, ref == c), 4) for c, name in enumerate(classes) if c}
 
 
 @torch.no_grad()

@@ -134,6 +134,22 @@ def make_bank(n_subjects: int, slices_per_subject: int, seed: int = TRAINING_SEE
     return SliceBank(labels, images)
 
 
+def to_bits(target: np.ndarray) -> np.ndarray:
+    """Class labels -> bitmasks of allowed classes (``1 << class``); ``augment.IGNORE`` (255,
+    every bit set) stays: any class allowed, i.e. unknown."""
+    target = np.asarray(target)
+    return np.where(target == augment.IGNORE, augment.IGNORE,
+                    np.left_shift(1, np.minimum(target, 7))).astype(np.int64)
+
+
+def definite_classes(bits: np.ndarray) -> np.ndarray:
+    """Bitmasks -> the class where exactly one is allowed, ``augment.IGNORE`` elsewhere."""
+    bits = np.asarray(bits, np.int64)
+    single = (bits > 0) & ((bits & (bits - 1)) == 0)
+    return np.where(single, np.log2(np.maximum(bits, 1)).round().astype(np.int64),
+                    augment.IGNORE)
+
+
 def normalise_array(x: np.ndarray) -> np.ndarray:
     """Robust min-max: (x - p1) / (p99 - p1) over the whole array, clipped to [-0.5, 2]."""
     x = np.asarray(x, np.float32)
@@ -142,20 +158,25 @@ def normalise_array(x: np.ndarray) -> np.ndarray:
 
 
 def synthetic_sample(bank: SliceBank, rng: np.random.Generator, size: int,
-                     realistic_fraction: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
-    """One randomised (normalised image, target) pair of ``size`` x ``size`` from the bank."""
+                     realistic_fraction: float = 0.3, class_of: np.ndarray = CLASS_OF,
+                     spacing_mm: float = SPACING_MM,
+                     spacing_range_mm: tuple[float, float] = augment.SPACING_RANGE_MM,
+                     max_rotation_deg: float = 15.0) -> tuple[np.ndarray, np.ndarray]:
+    """One randomised (normalised image, target) pair of ``size`` x ``size`` from the bank;
+    ``class_of`` maps compact labels to the network's classes."""
     i = int(rng.integers(len(bank)))
-    coords = augment.deformation(rng, bank.labels.shape[2:], (size, size))
+    coords = augment.deformation(rng, bank.labels.shape[2:], (size, size),
+                                 max_rotation_deg=max_rotation_deg)
     sub = augment.warp(bank.labels[i], coords, order=0)
-    target = CLASS_OF[sub[1]]
+    target = class_of[sub[1]]
     if rng.random() < realistic_fraction:
-        image = augment.warp(bank.images[i, int(rng.integers(len(REALISTIC)))].astype(
+        image = augment.warp(bank.images[i, int(rng.integers(bank.images.shape[1]))].astype(
             np.float32), coords, order=1)
         if rng.random() < 0.15:
             image = image.max() - image
     else:
         image = augment.random_contrast(rng, sub, GROUP_OF, len(CLASS_OF))
-    image = augment.degrade(rng, image, SPACING_MM)
+    image = augment.degrade(rng, image, spacing_mm, spacing_range_mm)
     if rng.random() < 0.2:
         image, target = augment.cut_field_of_view(rng, image, target)
     return normalise_array(image), target
@@ -164,7 +185,9 @@ def synthetic_sample(bank: SliceBank, rng: np.random.Generator, size: int,
 # ---- real labelled slices (fine-tuning) ----------------------------------------------------
 @dataclass(frozen=True)
 class LabelledSlice:
-    """A canonical sagittal slice on the network grid and its 4-class target."""
+    """A canonical sagittal slice on the network grid and its target as bitmasks of allowed
+    classes (:func:`to_bits`): a manual label set that names only some structures (vertebral
+    bodies, or discs) leaves the others undecided, never background."""
 
     image: np.ndarray
     target: np.ndarray
@@ -201,7 +224,7 @@ def label_classes(rows: Sequence[dict[str, str]]) -> dict[int, int]:
             out[index] = 3
         elif abbr in {"S1", "S", "sacrum"}:
             out[index] = 2
-        elif re.fullmatch(r"T\d{1,2}|L\d", abbr):
+        elif re.fullmatch(r"T\d{1,2}|L\d|VB\d*", abbr):  # VB<n>: a body of unnamed level
             out[index] = 1
     return out
 
@@ -283,7 +306,12 @@ def _lookup(dseg: Path, root: Path) -> dict[int, int]:
 
 def load_labelled_slices(labels_dir: str | Path, min_foreground: int = 50
                          ) -> list[LabelledSlice]:
-    """Every sagittal slice with some labelled structure of every (image, dseg) pair."""
+    """Every sagittal slice with some labelled structure of every (image, dseg) pair.
+
+    The classes a look-up table names are labelled; the others are not. Between the most
+    superior and the most inferior labelled voxel of the volume an unlabelled pixel is known
+    not to be a labelled class (it may be background or an unlabelled class); above and below
+    that span nothing is known (e.g. an unlabelled T12 above labels that stop at L1)."""
     root = Path(labels_dir)
     out = []
     for image_path, dseg_path in find_pairs(root):
@@ -297,14 +325,25 @@ def load_labelled_slices(labels_dir: str | Path, min_foreground: int = 50
             raise InputError(f"segmentation shape {dseg.shape} differs from the image "
                              f"{image_path.name} {image.shape}", path=dseg_path,
                              fix="a manual segmentation must be on the grid of its image")
-        lut = np.zeros(int(max(table) + 1), np.uint8)
+        known = sum(1 << c for c in set(table.values()))
+        unlabelled = ((1 << len(CLASSES)) - 1) & ~known  # background or a class not labelled
+        lut = np.full(int(max(table) + 1), unlabelled, np.uint8)
         for index, cls in table.items():
-            lut[index] = cls
-        for img_slice, lab_slice in zip(canonical_slices(image, 1), canonical_slices(dseg, 0),
-                                        strict=True):
-            idx = np.clip(np.rint(lab_slice).astype(np.int64), 0, len(lut) - 1)
-            target = np.where(np.rint(lab_slice) < len(lut), lut[idx], 0).astype(np.uint8)
-            if np.count_nonzero(target) >= min_foreground:
+            lut[index] = 1 << cls
+        labels = canonical_slices(dseg, 0)
+        bits = []
+        for lab_slice in labels:
+            idx = np.rint(lab_slice).astype(np.int64)
+            inside = (idx >= 0) & (idx < len(lut))
+            bits.append(np.where(inside, lut[np.clip(idx, 0, len(lut) - 1)],
+                                 unlabelled).astype(np.uint8))
+        rows = np.flatnonzero(np.any([(b & known) > 0 for b in bits], axis=(0, 2)))
+        if rows.size == 0:
+            continue
+        for img_slice, target in zip(canonical_slices(image, 1), bits, strict=True):
+            target[: rows[0]] = augment.IGNORE
+            target[rows[-1] + 1:] = augment.IGNORE
+            if np.count_nonzero(target & known) >= min_foreground:
                 out.append(LabelledSlice(img_slice, target, image_path.name))
     return out
 
@@ -315,7 +354,7 @@ def real_sample(slices: Sequence[LabelledSlice], rng: np.random.Generator, size:
     crop, bias field, gamma and a little noise (the contrast itself is real)."""
     item = slices[int(rng.integers(len(slices)))]
     coords = augment.deformation(rng, item.image.shape, (size, size), max_rotation_deg=10.0)
-    target = augment.warp(item.target, coords, order=0)
+    target = augment.warp(item.target, coords, order=0, fill=augment.IGNORE)
     image = augment.warp(item.image.astype(np.float32), coords, order=1)
     image = image * augment.bias_field(rng, image.shape, 0.2)
     image = np.clip(image / (np.percentile(image, 99.5) or 1.0), 0, None)
@@ -325,18 +364,26 @@ def real_sample(slices: Sequence[LabelledSlice], rng: np.random.Generator, size:
 
 
 class SampleStream:
-    """Seeded batches: ``batch(step)`` depends only on (seed, step), never on earlier calls."""
+    """Seeded batches of (image, target bitmask, :func:`to_bits`): ``batch(step)`` depends
+    only on (seed, step), never on earlier calls."""
 
     def __init__(self, bank: SliceBank, seed: int, batch_size: int = 8, size: int = 128,
-                 real: Sequence[LabelledSlice] = (), real_fraction: float = 0.5):
+                 real: Sequence[LabelledSlice] = (), real_fraction: float = 0.5,
+                 sampler: Callable[[SliceBank, np.random.Generator, int],
+                                   tuple[np.ndarray, np.ndarray]] = synthetic_sample):
         self.bank, self.seed, self.batch_size, self.size = bank, seed, batch_size, size
         self.real, self.real_fraction = list(real), real_fraction if real else 0.0
+        self.sampler = sampler
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, step, 11])
-        pairs = [real_sample(self.real, rng, self.size) if rng.random() < self.real_fraction
-                 else synthetic_sample(self.bank, rng, self.size)
-                 for _ in range(self.batch_size)]
+        pairs = []
+        for _ in range(self.batch_size):
+            if rng.random() < self.real_fraction:
+                pairs.append(real_sample(self.real, rng, self.size))
+            else:
+                image, target = self.sampler(self.bank, rng, self.size)
+                pairs.append((image, to_bits(target)))
         images = np.stack([p[0] for p in pairs])[:, None]
         targets = np.stack([p[1] for p in pairs]).astype(np.int64)
         return torch.from_numpy(images), torch.from_numpy(targets)

@@ -13,6 +13,7 @@ from spineqprep.config import RunConfig
 from spineqprep.interfaces.bids import CommitDerivatives
 from spineqprep.workflows.relaxometry import init_relaxometry_wf
 from spineqprep.workflows.segmentation import (
+    init_endplate_segmentation_wf,
     init_region_statistics_wf,
     init_spine_segmentation_wf,
 )
@@ -30,6 +31,9 @@ class SubjectPlan:
     segment: dict[tuple[str | None, str | None], Path] = field(default_factory=dict)
     #: (session, acq) -> (dseg, dseg.tsv) given with --derivatives instead of segmenting
     masks: dict[tuple[str | None, str | None], tuple[Path, Path]] = field(default_factory=dict)
+    #: (session, acq) of a UTE grid -> (its first echo, the ``segment`` key locating L5)
+    endplates: dict[tuple[str | None, str | None],
+                    tuple[Path, tuple[str | None, str | None]]] = field(default_factory=dict)
 
 
 def log_dir(config: RunConfig, subject: str) -> Path:
@@ -83,29 +87,28 @@ def init_single_subject_wf(config: RunConfig, plan: SubjectPlan) -> pe.Workflow:
         staged.append((series_wf, "outputnode.out_files"))
 
     if config.segmentation:
+        seg_wfs: dict[tuple[str | None, str | None], pe.Workflow] = {}
         for (session, acq), image in plan.segment.items():
-            entities = {k: v for k, v in
-                        {"sub": plan.subject, "ses": session, "acq": acq}.items() if v}
-            seg_wf = init_spine_segmentation_wf(
+            entities = _entities(plan.subject, session, acq)
+            seg_wfs[(session, acq)] = seg_wf = init_spine_segmentation_wf(
                 image, entities, staging_dir=staging, raw_dir=config.bids_dir,
-                weights=config.seg_weights, omp_nthreads=config.omp_nthreads,
-                precomputed=plan.masks.get((session, acq)),
+                weights=config.seg_weights, cutoffs=config.cutoffs,
+                omp_nthreads=config.omp_nthreads, precomputed=plan.masks.get((session, acq)),
                 name=f"{_prefix(session)}seg_acq_{acq or 'none'}_wf",
             )
             staged.append((seg_wf, "outputnode.out_files"))
-            for series, series_wf in zip(plan.series, series_wfs, strict=True):
-                if (series.session, series.acq) != (session, acq):
-                    continue
-                stats_wf = init_region_statistics_wf(
-                    entities, series.target, staging_dir=staging,
-                    name=f"{_prefix(session)}regions_{series.target.lower()}_acq_{acq}_wf")
-                wf.connect([
-                    (series_wf, stats_wf, [("outputnode.out_map", "inputnode.map"),
-                                           ("outputnode.out_mask", "inputnode.mask")]),
-                    (seg_wf, stats_wf, [("outputnode.dseg", "inputnode.dseg"),
-                                        ("outputnode.labels", "inputnode.labels")]),
-                ])
-                staged.append((stats_wf, "outputnode.out_file"))
+            staged += _region_statistics(wf, plan, series_wfs, seg_wf, session, acq, "regions",
+                                         staging)
+        for (session, acq), (ute, locator) in plan.endplates.items():
+            cep_wf = init_endplate_segmentation_wf(
+                ute, _entities(plan.subject, session, acq), staging_dir=staging,
+                raw_dir=config.bids_dir, weights=config.cep_weights, cutoffs=config.cutoffs,
+                omp_nthreads=config.omp_nthreads,
+                name=f"{_prefix(session)}endplates_acq_{acq or 'none'}_wf")
+            wf.connect(seg_wfs[locator], "outputnode.dseg", cep_wf, "inputnode.locator")
+            staged.append((cep_wf, "outputnode.out_files"))
+            staged += _region_statistics(wf, plan, series_wfs, cep_wf, session, acq,
+                                         "endplates", staging)
 
     merge = pe.Node(niu.Merge(len(staged), ravel_inputs=True), name="merge_derivatives",
                     run_without_submitting=True)
@@ -117,6 +120,32 @@ def init_single_subject_wf(config: RunConfig, plan: SubjectPlan) -> pe.Workflow:
         wf.connect(node, output, merge, f"in{i}")
     wf.connect(merge, "out", commit, "in_files")
     return wf
+
+
+def _region_statistics(wf: pe.Workflow, plan: SubjectPlan, series_wfs: list[pe.Workflow],
+                       seg_wf: pe.Workflow, session: str | None, acq: str | None, desc: str,
+                       staging: Path) -> list[tuple[pe.Workflow, str]]:
+    """Connect whole-region statistics of every map on the grid (session, acq) over the
+    segmentation of ``seg_wf``; returns the staged outputs."""
+    staged = []
+    for series, series_wf in zip(plan.series, series_wfs, strict=True):
+        if (series.session, series.acq) != (session, acq):
+            continue
+        stats_wf = init_region_statistics_wf(
+            _entities(plan.subject, session, acq), series.target, staging_dir=staging,
+            desc=desc, name=f"{_prefix(session)}{desc}_{series.target.lower()}_acq_{acq}_wf")
+        wf.connect([
+            (series_wf, stats_wf, [("outputnode.out_map", "inputnode.map"),
+                                   ("outputnode.out_mask", "inputnode.mask")]),
+            (seg_wf, stats_wf, [("outputnode.dseg", "inputnode.dseg"),
+                                ("outputnode.labels", "inputnode.labels")]),
+        ])
+        staged.append((stats_wf, "outputnode.out_file"))
+    return staged
+
+
+def _entities(subject: str, session: str | None, acq: str | None) -> dict[str, str]:
+    return {k: v for k, v in {"sub": subject, "ses": session, "acq": acq}.items() if v}
 
 
 def _prefix(session: str | None) -> str:

@@ -10,7 +10,7 @@ from nipype.pipeline import engine as pe
 
 from spineqprep.bids.derivatives import bids_uri
 from spineqprep.interfaces.bids import DerivativesDataSink
-from spineqprep.interfaces.segmentation import RegionStatistics, SegmentSpine
+from spineqprep.interfaces.segmentation import RegionStatistics, SegmentEndplates, SegmentSpine
 
 #: BIDS ``label-`` value of each network class's probability map
 PROBSEG_LABELS = {"vertebral_body": "VB", "sacrum": "sacrum", "disc": "disc"}
@@ -35,6 +35,7 @@ def init_spine_segmentation_wf(
     staging_dir: Path,
     raw_dir: Path,
     weights: Path | None = None,
+    cutoffs: dict[str, float] | None = None,
     omp_nthreads: int = 1,
     precomputed: tuple[Path, Path] | None = None,
     name: str = "spine_seg_wf",
@@ -70,6 +71,8 @@ def init_spine_segmentation_wf(
                       name="segment", n_procs=omp_nthreads)
         if weights:
             seg.inputs.weights = str(weights)
+        if cutoffs:
+            seg.inputs.cutoffs = cutoffs
         ds_dseg.inputs.meta_dict = {
             "Description": "Vertebral bodies, sacrum and discs labelled by anatomical level "
             "(spineqprep.segmentation); LevelFlags lists why a labelling is doubtful.",
@@ -107,11 +110,87 @@ def init_spine_segmentation_wf(
     return wf
 
 
+def init_endplate_segmentation_wf(
+    in_file: Path,
+    entities: dict[str, str],
+    *,
+    staging_dir: Path,
+    raw_dir: Path,
+    weights: Path | None = None,
+    cutoffs: dict[str, float] | None = None,
+    omp_nthreads: int = 1,
+    name: str = "endplate_seg_wf",
+) -> pe.Workflow:
+    """Segment the L4-L5 and L5-S1 cartilage endplates on ``in_file`` (the first UTE echo),
+    in the crop centred on L5 of the level-labelled segmentation given to
+    ``inputnode.locator``, and stage ``<entities>_desc-endplates_dseg`` (+ dseg.tsv and one
+    ``_label-<endplate>_probseg`` each).
+
+    Outputs (``outputnode``): ``out_files`` (staged), ``dseg`` and ``labels``.
+    """
+    wf = pe.Workflow(name=name)
+    wf.__desc__ = (
+        f"\n- the L4-L5 and L5-S1 superior and inferior cartilage endplates segmented on "
+        f"{Path(in_file).name} by spineqprep's endplate network in a 64 x 64 mm crop centred "
+        "on the L5 vertebral body (located on another image of the exam through the scanner "
+        "coordinates), binarised per endplate at the published cut-offs"
+    )
+    inputnode = pe.Node(niu.IdentityInterface(fields=["locator"]), name="inputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=["out_files", "dseg", "labels"]),
+                         name="outputnode")
+    seg = pe.Node(SegmentEndplates(in_file=str(in_file), num_threads=omp_nthreads),
+                  name="segment", n_procs=omp_nthreads)
+    if weights:
+        seg.inputs.weights = str(weights)
+    if cutoffs:
+        seg.inputs.cutoffs = cutoffs
+    ents = {**entities, "desc": "endplates"}
+    source = [bids_uri(in_file, raw_dir)]
+    ds_dseg = pe.Node(DerivativesDataSink(
+        base_directory=str(staging_dir), entities=ents, suffix="dseg", sources=source,
+        meta_dict={"Description": "Cartilage endplates of the L4-L5 and L5-S1 discs "
+                   "(spineqprep.segmentation.endplates).",
+                   "Model": str(weights) if weights else "spineqprep packaged endplate model"}),
+        name="ds_dseg", run_without_submitting=True)
+    ds_labels = pe.Node(DerivativesDataSink(base_directory=str(staging_dir), entities=ents,
+                                            suffix="dseg"), name="ds_labels",
+                        run_without_submitting=True)
+    probseg_entities = pe.Node(niu.Function(function=_probseg_entities,
+                                            output_names=["entities"]),
+                               name="probseg_entities", run_without_submitting=True)
+    probseg_entities.inputs.entities = entities
+    probseg_entities.inputs.labels = {}
+    ds_prob = pe.MapNode(
+        DerivativesDataSink(base_directory=str(staging_dir), suffix="probseg", sources=source,
+                            meta_dict={"Description": "Probability of this cartilage endplate "
+                                       "(spineqprep's endplate network)."}),
+        iterfield=["in_file", "entities"], name="ds_probseg", run_without_submitting=True)
+    merge = pe.Node(niu.Merge(3, ravel_inputs=True), name="merge_outputs",
+                    run_without_submitting=True)
+    wf.connect([
+        (inputnode, seg, [("locator", "in_locator")]),
+        (seg, ds_dseg, [("out_dseg", "in_file"), ("qc", "extra_meta")]),
+        (seg, ds_labels, [("out_labels", "in_file")]),
+        (seg, probseg_entities, [("classes", "classes")]),
+        (seg, ds_prob, [("out_probseg", "in_file")]),
+        (probseg_entities, ds_prob, [("entities", "entities")]),
+        (ds_dseg, merge, [("out_file", "in1")]),
+        (ds_labels, merge, [("out_file", "in2")]),
+        (ds_prob, merge, [("out_file", "in3")]),
+        (merge, outputnode, [("out", "out_files")]),
+        (ds_dseg, outputnode, [("out_file", "dseg")]),
+        (ds_labels, outputnode, [("out_file", "labels")]),
+    ])
+    return wf
+
+
 def init_region_statistics_wf(
     entities: dict[str, str], suffix: str, *, staging_dir: Path, name: str,
+    desc: str = "regions",
 ) -> pe.Workflow:
     """Whole-region statistics of one map over a segmentation on its grid, staged as
-    ``<entities>_desc-regions_<suffix>.tsv``.
+    ``<entities>_desc-<desc>_<suffix>.tsv`` (``regions`` for the spine, ``endplates`` for the
+    cartilage endplates).
 
     Inputs (``inputnode``): ``map``, ``mask`` (validity), ``dseg``, ``labels``.
     Outputs (``outputnode``): ``out_file``.
@@ -122,7 +201,7 @@ def init_region_statistics_wf(
     outputnode = pe.Node(niu.IdentityInterface(fields=["out_file"]), name="outputnode")
     stats = pe.Node(RegionStatistics(), name="region_statistics")
     ds = pe.Node(DerivativesDataSink(
-        base_directory=str(staging_dir), entities={**entities, "desc": "regions"}, suffix=suffix,
+        base_directory=str(staging_dir), entities={**entities, "desc": desc}, suffix=suffix,
         meta_dict={"Description": f"Whole-region statistics of the {suffix} over each labelled "
                    "region of the segmentation on its grid (valid voxels only).",
                    **REGION_COLUMNS}), name="ds_regions", run_without_submitting=True)
