@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(spine) BIDS derivatives with manual *_dseg.nii.gz (+ dseg.tsv) to "
                    "fine-tune on; images are found in the raw dataset (DatasetLinks 'raw' or the "
                    "dataset the derivatives folder sits in); half of every batch comes from them")
+    p.add_argument("--real-fraction", type=float, default=0.5, metavar="F",
+                   help="(spine, with --labels-dir) share of each batch from the labelled "
+                   "slices; the rest stays synthetic so that other contrasts are not forgotten")
     p.add_argument("--lr", type=float, metavar="RATE",
                    help="learning rate (default 2e-3, 3e-4 with --init)")
     p.add_argument("--version", action="version", version=f"spineqprep-train {__version__}")
@@ -56,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("steps", "threads", "batch_size", "bank_subjects"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0.0 < args.real_fraction <= 1.0:
+            raise UsageError("--real-fraction must lie in (0, 1]")
         if args.network == "endplates" and args.labels_dir:
             raise UsageError("--labels-dir fine-tunes the spine network only",
                              fix="train 'endplates' on synthetic data, or fine-tune 'spine'")
@@ -77,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             train_spine(args.out, args.steps, seed=args.seed, threads=args.threads,
                         init=args.init, labels_dir=args.labels_dir,
                         bank_size=(args.bank_subjects or BANK[0], BANK[1]),
-                        batch_size=args.batch_size, lr=args.lr, log=log)
+                        batch_size=args.batch_size, lr=args.lr,
+                        real_fraction=args.real_fraction, log=log)
     except SpineqprepError as err:
         print(f"spineqprep-train: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -244,6 +244,7 @@ def label_spine(probs: np.ndarray, affine: np.ndarray, *, classes: Sequence[str]
                            ["no vertebral body or disc found"], False)
     up = np.array([0.0, 0.0, 1.0])
     if anchored:  # the first step: the component touching the sacrum most closely (L5S1)
+        sacra = _anchor_first(sacra, others, up)
         start = sacra[0].centroid
         first = int(np.argmin([_gap(sacra[0], c) for c in others]))
     else:
@@ -263,6 +264,19 @@ def label_spine(probs: np.ndarray, affine: np.ndarray, *, classes: Sequence[str]
                     (extra.centroid - start) @ _axis_at(chain, 0, start) > 15.0:
                 flags.append("a sacrum component lies above the lowest vertebral body")
     return _write(chain, sacra if anchored else [], anchored, shape, flags)
+
+
+def _anchor_first(sacra: list[_Component], others: list[_Component], up: np.ndarray
+                  ) -> list[_Component]:
+    """The sacrum components with the anchor first: of the three largest, the one whose chain
+    upwards takes in the most bodies and discs (then the most inferior), so that a spurious
+    "sacrum" higher up the column (seen on real images) cannot cut the column in two."""
+    def score(i: int) -> tuple[int, float]:
+        first = int(np.argmin([_gap(sacra[i], c) for c in others]))
+        return len(_chain(sacra[i].centroid, up, others, first)), -float(sacra[i].centroid @ up)
+
+    best = max(range(min(3, len(sacra))), key=score)
+    return [sacra[best], *sacra[:best], *sacra[best + 1:]]
 
 
 #: a flag ending so is a note: those components took no part in the labelling

@@ -189,6 +189,7 @@ def train_spine(out: str | Path, steps: int, seed: int = 0, threads: int = 2,
                 init: str | Path | None = None, labels_dir: str | Path | None = None,
                 bank_size: tuple[int, int] = BANK, batch_size: int = 8, lr: float | None = None,
                 eval_bank: tuple[int, int] = EVAL_BANK, eval_samples: int = 96,
+                real_fraction: float = 0.5,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train (or fine-tune ``init`` on ``labels_dir``) and write a bundle into ``out``."""
     torch.set_num_threads(threads)
@@ -211,7 +212,8 @@ def train_spine(out: str | Path, steps: int, seed: int = 0, threads: int = 2,
     bank = trainset.make_bank(*bank_size, seed=bank_seed, progress=log)
     log(f"bank ready in {time.perf_counter() - start:.0f} s; network "
         f"{count_parameters(model) / 1e6:.2f} M parameters")
-    stream = trainset.SampleStream(bank, seed, batch_size=batch_size, real=real)
+    stream = trainset.SampleStream(bank, seed, batch_size=batch_size, real=real,
+                                   real_fraction=real_fraction)
     rate = lr if lr is not None else (2e-3 if init is None else 3e-4)
     history = train(model, stream, steps, rate, log, checkpoint=out / "checkpoint.pt")
     held_out = trainset.make_bank(*eval_bank, seed=EVAL_SEED)
@@ -224,7 +226,8 @@ def train_spine(out: str | Path, steps: int, seed: int = 0, threads: int = 2,
     data = (f"synthetic: spineqprep.synth anatomies, cohort seed {bank_seed}, {bank_size[0]} "
             f"subjects x {bank_size[1]} random sagittal planes, domain-randomised")
     if real:
-        data += f"; fine-tuned on {len(real)} labelled slices from {labels_dir}"
+        data += (f"; fine-tuned on {len(real)} labelled slices from {labels_dir} "
+                 f"({real_fraction:.0%} of each batch)")
     meta = {
         "name": base.get("name", "spine"), "version": 1, "architecture": architecture,
         "classes": list(trainset.CLASSES),
