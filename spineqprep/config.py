@@ -57,6 +57,16 @@ class RunConfig:
     #: binarisation cut-off per structure (spine classes and endplates); defaults per model
     cutoffs: dict[str, float] = field(default_factory=dict)
     verbosity: int = 0
+    group_model: Path | None = None
+    group_correlate: list[str] = field(default_factory=list)
+    group_compare: list[str] = field(default_factory=list)
+    group_map_pair: list[str] = field(default_factory=list)
+    group_longitudinal: list[str] | None = None
+    group_covariates: list[str] | None = None
+    group_site: str = "covariate"
+    group_permutations: int = 1000
+    group_min_subjects: int = 10
+    group_tfce: bool = True
     run_uuid: str = ""
     version: str = __version__
 
@@ -70,6 +80,7 @@ class RunConfig:
         self.derivatives = [Path(p).resolve() for p in self.derivatives]
         self.seg_weights = Path(self.seg_weights).resolve() if self.seg_weights else None
         self.cep_weights = Path(self.cep_weights).resolve() if self.cep_weights else None
+        self.group_model = Path(self.group_model).resolve() if self.group_model else None
         self.participant_label = [p.removeprefix("sub-") for p in self.participant_label]
         self.session_label = [s.removeprefix("ses-") for s in self.session_label]
         cpus = len(os.sched_getaffinity(0))

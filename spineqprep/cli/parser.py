@@ -87,6 +87,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only rebuild the HTML reports from existing derivatives")
     g.add_argument("--boilerplate-only", "--boilerplate", action="store_true", default=None,
                    help="only write the methods boilerplate (logs/CITATION.md)")
+
+    g = p.add_argument_group("group level: voxel-wise statistics of the atlas-space maps")
+    g.add_argument("--group-model", type=Path, metavar="FILE",
+                   help="BIDS Stats Models JSON file of the analyses (docs/statistics.md); "
+                   "the shortcuts below add to it")
+    g.add_argument("--group-correlate", nargs="+", metavar="COLUMN",
+                   help="voxel-by-variable: correlate each voxel with these columns of "
+                   "participants.tsv, sessions.tsv or phenotype/ (e.g. odi pfirrmann)")
+    g.add_argument("--group-compare", nargs="+", metavar="COLUMN[:THRESHOLD]",
+                   help="voxel-by-group: two groups of a column (e.g. group) or a threshold on "
+                   "one (odi:40 = ODI > 40 vs <= 40)")
+    g.add_argument("--group-map-pair", nargs="+", metavar="MAP:MAP",
+                   help="voxel-by-voxel: per voxel, the first map against the second "
+                   "(e.g. T1rho:T2map)")
+    g.add_argument("--group-longitudinal", nargs="*", metavar="COLUMN",
+                   help="voxel-by-time: change from first to last session (mean change, and "
+                   "its association with the change of these columns)")
+    g.add_argument("--group-covariates", nargs="*", metavar="COLUMN",
+                   help="covariates of the shortcut analyses (default: those of age, sex, bmi "
+                   "present)")
+    g.add_argument("--group-site", choices=["covariate", "combat", "none"],
+                   help="multi-site data: site as a covariate (default), ComBat "
+                   "harmonisation of the maps, or nothing")
+    g.add_argument("--group-permutations", type=int, metavar="N",
+                   help="permutations for max-T, TFCE and cluster inference (default 1000; "
+                   "seeded by --random-seed)")
+    g.add_argument("--group-min-subjects", type=int, metavar="N",
+                   help="analyse a voxel only when at least N subjects have a value there "
+                   "(default 10)")
+    g.add_argument("--group-no-tfce", dest="group_tfce", action="store_false", default=None,
+                   help="skip threshold-free cluster enhancement")
     return p
 
 
@@ -116,6 +147,16 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         "cutoffs": _parse_cutoffs(ns.cutoff) if ns.cutoff else None,
         "verbosity": ns.verbosity,
         "plugin": ns.plugin,
+        "group_model": ns.group_model,
+        "group_correlate": ns.group_correlate,
+        "group_compare": ns.group_compare,
+        "group_map_pair": ns.group_map_pair,
+        "group_longitudinal": ns.group_longitudinal,
+        "group_covariates": ns.group_covariates,
+        "group_site": ns.group_site,
+        "group_permutations": ns.group_permutations,
+        "group_min_subjects": ns.group_min_subjects,
+        "group_tfce": ns.group_tfce,
     }
     settings.update({k: v for k, v in cli.items() if v is not None})
     if ns.bids_filter_file is not None:
@@ -124,7 +165,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         plugin, plugin_args = _read_plugin(ns.plugin_settings)
         settings.setdefault("plugin", plugin)
         settings["plugin_args"] = plugin_args
-    for key in ("nprocs", "omp_nthreads", "mem_mb"):
+    for key in ("nprocs", "omp_nthreads", "mem_mb", "group_permutations",
+                "group_min_subjects"):
         if settings.get(key, 0) < 0:
             raise UsageError(f"--{key.replace('_', '-')} must be positive")
     return RunConfig(

@@ -259,3 +259,53 @@ def plot_group_figure(summary: pd.DataFrame, out_path: Path) -> Path:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=DPI, format="png")
     return out_path
+
+
+def _stat_panels(volume: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """Mid-sagittal, central coronal and central axial slices of a canonical volume, each as
+    shown (sagittal: anterior left; coronal/axial: the subject's right on the left)."""
+    mx, my, mz = (s // 2 for s in volume.shape[:3])
+    return [("mid-sagittal", volume[mx].T[::-1, ::-1]),
+            ("central coronal", volume[:, my].T[::-1]),
+            ("central axial", volume[:, :, mz].T[::-1])]
+
+
+def plot_stat_figure(background: np.ndarray, stat: np.ndarray, significant: np.ndarray,
+                     affine: np.ndarray, out_path: Path, *, title: str,
+                     threshold: str) -> Path:
+    """Write a PNG of a statistic map over the atlas disc, in the views people publish.
+
+    Top row: the unthresholded statistic over the mean map; bottom row: only the voxels
+    significant at ``threshold`` (named in the caption). One symmetric colour bar.
+    """
+    volumes = []
+    for arr in (background, stat, significant.astype(np.float32)):
+        volumes.append(canonical(nib.Nifti1Image(np.asarray(arr, dtype=np.float32), affine))[0])
+    bg, t, sig = volumes
+    vmax = float(np.nanmax(np.abs(t))) if np.isfinite(t).any() else 1.0
+    lo, hi = _robust_range(bg, 1, 99)
+    fig = Figure(figsize=(3 * PANEL_INCHES, 2 * PANEL_INCHES * 0.75 + 0.6),
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 3, squeeze=False)
+    image = None
+    for col, ((name, bg_s), (_, t_s), (_, sig_s)) in enumerate(zip(
+            _stat_panels(bg), _stat_panels(t), _stat_panels(sig), strict=True)):
+        for row, shown in enumerate((t_s, np.where(sig_s > 0.5, t_s, np.nan))):
+            ax = axes[row, col]
+            ax.imshow(np.nan_to_num(bg_s, nan=lo), cmap="gray", vmin=lo, vmax=hi,
+                      interpolation="nearest")
+            image = ax.imshow(shown, cmap="RdBu_r", vmin=-vmax, vmax=vmax,
+                              interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(name, fontsize=8)
+        axes[1, 0].set_ylabel(threshold, fontsize=7)
+    axes[0, 0].set_ylabel("unthresholded", fontsize=7)
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.8, label="t")
+    fig.suptitle(title, fontsize=9)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=DPI, format="png")
+    return out_path

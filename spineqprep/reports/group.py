@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from spineqprep.reports.figures import plot_group_figure
+from spineqprep.reports.figures import plot_group_figure, plot_stat_figure
 from spineqprep.reports.html import (
     Section,
     errors_section,
@@ -16,11 +17,15 @@ from spineqprep.reports.html import (
     fmt_int,
     fmt_ms,
     fmt_text,
+    is_missing,
     methods_section,
     render_page,
     table,
 )
 from spineqprep.stats.summary import missing_maps
+
+if TYPE_CHECKING:
+    from spineqprep.stats.run import Outcome
 
 GROUP_FIGURE = Path("group") / "figures" / "group_desc-mediansbysite_boxplot.png"
 
@@ -107,3 +112,58 @@ def build_group_report(output_dir: Path, summary: pd.DataFrame, *,
     sections.append(Section("voxelwise", "Voxel-wise statistics", voxel_body))
     sections += [methods_section(boilerplate), errors_section(errors)]
     return render_page(output_dir / "group.html", "spineqprep: group report", sections)
+
+
+KIND_TITLES = {"variable": "voxel-by-variable", "group": "voxel-by-group",
+               "map": "voxel-by-voxel", "time": "voxel-by-time"}
+CLUSTER_COLUMNS = [
+    ("cluster", "cluster", fmt_int), ("sign", "sign", fmt_text), ("n_voxels", "voxels", fmt_int),
+    ("p_fwe_cluster", "P (FWE, cluster)", fmt_fraction), ("peak_t", "peak t", fmt_ms),
+    ("peak_r", "peak r", fmt_fraction), ("peak_p_fwe", "peak P (FWE)", fmt_fraction),
+    ("peak_x_mm", "x (mm)", fmt_ms), ("peak_y_mm", "y (mm)", fmt_ms),
+    ("peak_z_mm", "z (mm)", fmt_ms), ("mean_effect_ms", "mean effect (ms)", fmt_ms),
+]
+
+
+def _fmt_p(value: object) -> str:
+    return "n/a" if is_missing(value) else f"{float(value):.2g}"
+
+
+def voxelwise_sections(output_dir: Path, outcomes: Sequence[Outcome]) -> list[Section]:
+    """One report section per analysis x level x map x contrast: figure, counts, ROI
+    baseline, site effect and the cluster table."""
+    sections = []
+    for k, o in enumerate(outcomes):
+        title = (f"{o.analysis} ({KIND_TITLES.get(o.kind, o.kind)}), {o.level}, {o.map}"
+                 + (f" acq-{o.acq}" if o.acq else "") + f", contrast {o.contrast}")
+        if not o.summary:
+            sections.append(Section(f"vw{k}", title, f'<p class="note">{esc(o.note)}</p>'))
+            continue
+        s = o.summary
+        threshold = "P(FWE, TFCE) < 0.05" if s.get("n_tfce") is not None else "P(FWE) < 0.05"
+        figure = output_dir / "group" / "figures" / f"{o.prefix.name}_stat-t.png"
+        plot_stat_figure(o.background, o.stat, o.significant, o.affine, figure,
+                         title=f"{o.analysis}: {o.map} {o.level}, t ({o.n_subjects} subjects)",
+                         threshold=threshold)
+        src = esc(figure.relative_to(output_dir).as_posix())
+        counts = (f"<p>{o.n_subjects} subjects, {o.n_voxels} voxels analysed; max |t| "
+                  f"{s['max_abs_t']:.2f}. Significant voxels (P &lt; 0.05): FDR {s['n_fdr']}, "
+                  f"Bonferroni {s['n_bonferroni']}, max-T FWE {s['n_fwe']}"
+                  + (f", TFCE FWE {s['n_tfce']}" if s.get("n_tfce") is not None else "")
+                  + f"; significant clusters {s['n_clusters']}.</p>")
+        roi = (f"<p>Whole-disc ROI mean (baseline): effect {s['roi_effect_ms']:.2f} ms, "
+               f"t {s['roi_t']:.2f}, r {s['roi_r']:.3f}, P {_fmt_p(s['roi_p'])}.</p>")
+        site = ""
+        if not is_missing(s.get("site_eta2_before")):
+            site = (f"<p>Site effect (median partial eta&sup2; of site per voxel): "
+                    f"{s['site_eta2_before']:.3f} before"
+                    + ("" if is_missing(s.get("site_eta2_after"))
+                       else f", {s['site_eta2_after']:.3f} after ComBat") + ".</p>")
+        clusters = (table(o.clusters, CLUSTER_COLUMNS, "clusters") if len(o.clusters)
+                    else '<p class="note">No supra-threshold cluster.</p>')
+        body = (f'<figure><img src="{src}" alt="{esc(title)}"><figcaption>t map over the '
+                f"mean map of the atlas disc; bottom row: {esc(threshold)} (two-sided). Files: "
+                f"group/{esc(o.analysis)}/{esc(o.prefix.name)}_*</figcaption></figure>\n"
+                + counts + roi + site + clusters)
+        sections.append(Section(f"vw{k}", title, body))
+    return sections

@@ -1,4 +1,5 @@
-"""Group-level tables from the derivatives on disk (voxel-wise statistics come later)."""
+"""Group-level statistics: tables from the derivatives on disk and voxel-wise analyses of the
+atlas-space maps (GLM, FDR/Bonferroni, Freedman-Lane max-T, TFCE, clusters, ComBat)."""
 
 from spineqprep.stats.summary import missing_maps, summarise_maps
 

@@ -1,0 +1,176 @@
+"""End to end: simulated atlas-space derivatives -> ``spineqprep ... group`` -> statistic maps,
+tables and report; planted regions recovered, nothing found where nothing was planted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from spineqprep.cli.run import main
+from spineqprep.stats.model import load_model
+from spineqprep.synth.groupmaps import GroupMapsSpec, generate_group_maps
+
+PERMS = "200"
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("groupstats")
+    truth = generate_group_maps(root / "raw", root / "out",
+                                GroupMapsSpec(n_subjects=40, n_sites=2, n_sessions=2, seed=3))
+    code = main([str(root / "raw"), str(root / "out"), "group", "-w", str(root / "work"),
+                 "--group-permutations", PERMS, "--random-seed", "5", "--nprocs", "1"])
+    return {"root": root, "truth": truth, "code": code, "out": root / "out"}
+
+
+def _map(out: Path, analysis: str, level: str, acq: str, desc: str, contrast: str,
+         stat: str) -> np.ndarray:
+    path = (out / "group" / analysis / f"{analysis}_space-SpineDisc{level}_acq-{acq}_desc-{desc}"
+            f"_contrast-{contrast}_stat-{stat}_statmap.nii.gz")
+    return np.asarray(nib.load(path).get_fdata())
+
+
+def _recovery(p: np.ndarray, disc: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """(sensitivity, specificity) of P < 0.05 within the disc against the true-effect mask."""
+    significant = np.nan_to_num(p[disc], nan=1.0) < 0.05
+    return (significant[truth].mean(), 1 - significant[~truth].mean())
+
+
+def test_group_level_writes_every_analysis(study) -> None:
+    assert study["code"] == 0
+    out = study["out"]
+    table = pd.read_csv(out / "group" / "desc-voxelwise_statistics.tsv", sep="\t")
+    assert set(table["kind"]) == {"variable", "group", "map", "time"}
+    assert set(table["map"]) == {"T1rho", "T2map"}
+    prefix = "corrodi_space-SpineDiscL4L5_acq-mapss_desc-T1rho_contrast-odi"
+    for stat in ("effect", "t", "r", "p", "pfdr", "pbonferroni", "pfwe", "tfce", "ptfce",
+                 "pcluster", "meanall", "sdall", "n"):
+        assert (out / "group" / "corrodi" / f"{prefix}_stat-{stat}_statmap.nii.gz").exists()
+    meta = json.loads((out / "group" / "corrodi" / f"{prefix}_stat-pfwe_statmap.json")
+                      .read_text())
+    assert meta["Permutation"]["Count"] == int(PERMS)
+    assert meta["Permutation"]["Scheme"] == "Freedman-Lane"
+    assert meta["Test"] == "t, two-sided"
+    assert "site[B]" in meta["DesignColumns"]
+    # sub-001's T1rho failed registration QC, sub-003 has no BMI (a default covariate) and
+    # sub-004 no ODI: out of this analysis only
+    reasons = {e["participant_id"]: e["reason"] for e in meta["Excluded"]}
+    assert reasons["sub-001"].startswith("RegistrationQC failed")
+    assert reasons["sub-003"] == "missing bmi"
+    assert reasons["sub-004"] == "missing odi"
+    assert meta["NSubjects"] == 37 and len(meta["Subjects"]) == 37
+    t2meta = json.loads((out / "group" / "corrodi" / prefix.replace("mapss", "mese").replace(
+        "T1rho", "T2map") .__add__("_stat-t_statmap.json")).read_text())
+    assert "sub-001" not in {e["participant_id"] for e in t2meta["Excluded"]}
+    subjects = pd.read_csv(out / "group" / "corrodi" / "corrodi_subjects.tsv", sep="\t")
+    assert subjects["used"].sum() == 37 + 38
+    clusters = pd.read_csv(out / "group" / "corrodi" / f"{prefix}_clusters.tsv", sep="\t")
+    assert len(clusters) >= 1 and clusters.loc[0, "p_fwe_cluster"] < 0.05
+    assert clusters.loc[0, "sign"] == "-"  # T1rho falls with ODI
+    model = load_model(next((out / "group").glob("model-*_smdl.json")))
+    assert {a.kind for a in model.analyses} == {"variable", "group", "map", "time"}
+    html = (out / "group.html").read_text()
+    assert "voxel-by-variable" in html and "voxel-by-time" in html
+    assert "Whole-disc ROI mean" in html
+    figures = list((out / "group" / "figures").glob("*_stat-t.png"))
+    assert len(figures) == len(table)
+
+
+def test_planted_regions_are_recovered_at_fwe(study) -> None:
+    out, truth = study["out"], study["truth"]
+    disc = truth.disc
+    checks = {
+        "odi (max-T)": (_map(out, "corrodi", "L4L5", "mapss", "T1rho", "odi", "pfwe"),
+                        truth.truth["odi"]),
+        "odi (TFCE)": (_map(out, "corrodi", "L4L5", "mapss", "T1rho", "odi", "ptfce"),
+                       truth.truth["odi"]),
+        "odi > 40 (TFCE)": (_map(out, "compareodi", "L4L5", "mapss", "T1rho", "odi", "ptfce"),
+                            truth.truth["odi"]),
+        "T1rho-T2 (TFCE)": (_map(out, "coupleT1rhoT2map", "L4L5", "mapss", "T1rho", "T2map",
+                                 "ptfce"), truth.truth["coupling"]),
+        "ODI change (max-T)": (_map(out, "changeodi", "L4L5", "mapss", "T1rho", "odi", "pfwe"),
+                               truth.truth["change"]),
+    }
+    for name, (p, mask) in checks.items():
+        sensitivity, specificity = _recovery(p, disc, mask)
+        print(f"{name}: sensitivity {sensitivity:.2f}, specificity {specificity:.3f}")
+        assert specificity >= 0.95, name
+        assert sensitivity >= 0.5, name
+    # whole-disc ROI means wash the local ODI effect out; the voxel-wise map does not
+    row = pd.read_csv(out / "group" / "desc-voxelwise_statistics.tsv", sep="\t").query(
+        "analysis == 'corrodi' and map == 'T1rho'").iloc[0]
+    assert row["roi_p"] > 0.05 and row["n_fwe"] > 0
+    # T2 has no ODI association: nothing survives FWE
+    assert np.nanmin(_map(out, "corrodi", "L4L5", "mese", "T2map", "odi", "pfwe")) >= 0.05
+
+
+def test_rerun_is_identical_and_combat_reduces_the_site_effect(study, tmp_path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(study["out"], out, ignore=shutil.ignore_patterns("group"))
+    model = {
+        "Name": "odi", "BIDSModelVersion": "1.0.0",
+        "Nodes": [{"Level": "Dataset", "Name": "odi",
+                   "Model": {"Type": "glm", "X": [1, "odi", "age"]},
+                   "Contrasts": [{"Name": "odi", "ConditionList": ["odi"], "Weights": [1],
+                                  "Test": "t"}],
+                   "spineqprep": {"Analysis": "variable", "Maps": ["T1rho"], "Site": "combat"}}],
+        "spineqprep": {"Permutations": int(PERMS), "Seed": 5, "TFCE": False},
+    }
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(model))
+    raw = study["root"] / "raw"
+    assert main([str(raw), str(out), "group", "-w", str(tmp_path / "w"), "--group-model",
+                 str(path)]) == 0
+    table = pd.read_csv(out / "group" / "desc-voxelwise_statistics.tsv", sep="\t")
+    assert list(table["analysis"]) == ["odi"]
+    row = table.iloc[0]
+    assert row["site_eta2_after"] < 0.5 * row["site_eta2_before"]
+    first = _map(out, "odi", "L4L5", "mapss", "T1rho", "odi", "pfwe")
+    assert main([str(raw), str(out), "group", "-w", str(tmp_path / "w"), "--group-model",
+                 str(path)]) == 0
+    np.testing.assert_array_equal(first, _map(out, "odi", "L4L5", "mapss", "T1rho", "odi",
+                                              "pfwe"))
+
+
+def test_null_study_finds_nothing(tmp_path) -> None:
+    generate_group_maps(tmp_path / "raw", tmp_path / "out",
+                        GroupMapsSpec(n_subjects=30, seed=8, null=True))
+    assert main([str(tmp_path / "raw"), str(tmp_path / "out"), "group", "-w",
+                 str(tmp_path / "w"), "--group-correlate", "odi", "--group-permutations", PERMS,
+                 "--group-no-tfce"]) == 0
+    table = pd.read_csv(tmp_path / "out" / "group" / "desc-voxelwise_statistics.tsv", sep="\t")
+    assert (table["n_fwe"] == 0).all()
+
+
+def test_without_atlas_maps_the_group_level_says_so(tmp_path, capsys) -> None:
+    generate_group_maps(tmp_path / "raw", tmp_path / "out", GroupMapsSpec(n_subjects=4))
+    for path in (tmp_path / "out").rglob("*_space-*"):
+        path.unlink()
+    args = [str(tmp_path / "raw"), str(tmp_path / "out"), "group", "-w", str(tmp_path / "w")]
+    assert main(args) == 2  # no maps at all: the usual error
+    assert "no participant-level maps" in capsys.readouterr().err
+    native = tmp_path / "out" / "sub-001" / "anat" / "sub-001_acq-mese_T2map.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((4, 4, 2), 0.08, dtype=np.float32), np.eye(4)), native)
+    assert main(args) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "voxel-wise" in ln]
+    assert len(lines) == 1 and "skipped" in lines[0]
+    assert (tmp_path / "out" / "group" / "desc-summary_maps.tsv").exists()
+    assert "No voxel-wise statistics" in (tmp_path / "out" / "group.html").read_text()
+
+
+def test_bad_model_is_a_usage_error(tmp_path, capsys) -> None:
+    generate_group_maps(tmp_path / "raw", tmp_path / "out", GroupMapsSpec(n_subjects=12))
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps({"Nodes": [{"Name": "x", "Model": {"X": [1, "nosuch"]},
+                                           "Contrasts": [{"ConditionList": ["nosuch"],
+                                                          "Weights": [1]}]}]}))
+    code = main([str(tmp_path / "raw"), str(tmp_path / "out"), "group", "-w",
+                 str(tmp_path / "w"), "--group-model", str(path)])
+    assert code == 2
+    assert "no column 'nosuch'" in capsys.readouterr().err
