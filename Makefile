@@ -36,7 +36,12 @@ demo: install
 	$(BIN)/spineqprep-synth $(DEMO)/bids --subjects 4 --sites 2 --sessions 2 --seed 1 --size small
 	$(BIN)/spineqprep $(DEMO)/bids $(DEMO)/derivatives participant -w $(DEMO)/work
 	$(BIN)/spineqprep $(DEMO)/bids $(DEMO)/derivatives group -w $(DEMO)/work
-	@echo "open $(DEMO)/derivatives/sub-*.html and $(DEMO)/derivatives/group.html"
+	# voxel-wise group statistics on a simulated 40-subject, two-site atlas-space study
+	$(BIN)/python -m spineqprep.synth.groupmaps $(DEMO)/study $(DEMO)/study_derivatives \
+	  --subjects 40 --sites 2 --sessions 2 --seed 1
+	$(BIN)/spineqprep $(DEMO)/study $(DEMO)/study_derivatives group -w $(DEMO)/work \
+	  --group-permutations 500
+	@echo "open $(DEMO)/derivatives/sub-*.html, $(DEMO)/derivatives/group.html and $(DEMO)/study_derivatives/group.html"
 
 test: install-test
 	$(BIN)/ruff check spineqprep tests benchmarks
