@@ -53,6 +53,11 @@ class RunConfig:
     fit_model: str = "monoexp"
     segmentation: bool = True
     seg_weights: Path | None = None
+    registration: bool = True
+    atlas: Path | None = None
+    registration_backend: str = "elastix"
+    registration_params: list[Path] = field(default_factory=list)
+    warp: str = "echoes"
     verbosity: int = 0
     run_uuid: str = ""
     version: str = __version__
@@ -66,6 +71,8 @@ class RunConfig:
         self.work_dir = Path(self.work_dir or Path.cwd() / "work").resolve()
         self.derivatives = [Path(p).resolve() for p in self.derivatives]
         self.seg_weights = Path(self.seg_weights).resolve() if self.seg_weights else None
+        self.atlas = Path(self.atlas).resolve() if self.atlas else None
+        self.registration_params = [Path(p).resolve() for p in self.registration_params]
         self.participant_label = [p.removeprefix("sub-") for p in self.participant_label]
         self.session_label = [s.removeprefix("ses-") for s in self.session_label]
         cpus = len(os.sched_getaffinity(0))
