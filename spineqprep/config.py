@@ -56,6 +56,11 @@ class RunConfig:
     cep_weights: Path | None = None
     #: binarisation cut-off per structure (spine classes and endplates); defaults per model
     cutoffs: dict[str, float] = field(default_factory=dict)
+    registration: bool = True
+    atlas: Path | None = None
+    registration_backend: str = "elastix"
+    registration_params: list[Path] = field(default_factory=list)
+    warp: str = "echoes"
     verbosity: int = 0
     group_model: Path | None = None
     group_correlate: list[str] = field(default_factory=list)
@@ -81,6 +86,8 @@ class RunConfig:
         self.seg_weights = Path(self.seg_weights).resolve() if self.seg_weights else None
         self.cep_weights = Path(self.cep_weights).resolve() if self.cep_weights else None
         self.group_model = Path(self.group_model).resolve() if self.group_model else None
+        self.atlas = Path(self.atlas).resolve() if self.atlas else None
+        self.registration_params = [Path(p).resolve() for p in self.registration_params]
         self.participant_label = [p.removeprefix("sub-") for p in self.participant_label]
         self.session_label = [s.removeprefix("ses-") for s in self.session_label]
         cpus = len(os.sched_getaffinity(0))

@@ -48,7 +48,9 @@ def processed(synth, tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e_out")
     before = tree_digest(synth.raw_dir)
     out, work = root / "out", root / "work"
-    code = main([str(synth.raw_dir), str(out), "participant", "-w", str(work), "--nprocs", "2"])
+    # registration has its own end-to-end test (test_registration_pipeline.py)
+    code = main([str(synth.raw_dir), str(out), "participant", "-w", str(work), "--nprocs", "2",
+                 "--no-registration"])
     return {"code": code, "out": out, "work": work, "before": before}
 
 

@@ -83,6 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "L5S1_superior, L5S1_inferior (published defaults 0.24, 0.32, 0.24, 0.30)")
     g.add_argument("--no-segmentation", dest="segmentation", action="store_false", default=None,
                    help="maps only: no segmentation and no region statistics")
+    g.add_argument("--no-registration", dest="registration", action="store_false",
+                   default=None, help="no atlas-space maps: skip disc-by-disc registration")
+    g.add_argument("--atlas", type=Path, metavar="DIR",
+                   help="a disc atlas folder (e.g. from spineqprep-atlas) instead of the "
+                   "packaged SpineDisc<LEVEL> atlas")
+    g.add_argument("--registration-backend", choices=["elastix", "ants"],
+                   help="disc registration engine: itk-elastix (default, as published) or ANTsPy")
+    g.add_argument("--registration-params", nargs="+", type=Path, metavar="FILE",
+                   help="elastix parameter files, in the order they run (e.g. from "
+                   "spineqprep-tune), instead of the packaged ones")
+    g.add_argument("--warp", choices=["echoes", "maps", "both"],
+                   help="into atlas space: warp the echoes and fit there (default, as "
+                   "published), warp the native maps, or both (warped maps get label-warped)")
     g.add_argument("--reports-only", action="store_true", default=None,
                    help="only rebuild the HTML reports from existing derivatives")
     g.add_argument("--boilerplate-only", "--boilerplate", action="store_true", default=None,
@@ -145,6 +158,11 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         "seg_weights": ns.seg_weights,
         "cep_weights": ns.cep_weights,
         "cutoffs": _parse_cutoffs(ns.cutoff) if ns.cutoff else None,
+        "registration": ns.registration,
+        "atlas": ns.atlas,
+        "registration_backend": ns.registration_backend,
+        "registration_params": ns.registration_params,
+        "warp": ns.warp,
         "verbosity": ns.verbosity,
         "plugin": ns.plugin,
         "group_model": ns.group_model,

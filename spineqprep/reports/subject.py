@@ -25,6 +25,7 @@ from spineqprep.reports.html import (
     render_page,
     table,
 )
+from spineqprep.reports.registration import registration_blocks
 from spineqprep.stats.summary import (
     MapFiles,
     find_maps,
@@ -137,6 +138,9 @@ def build_subject_report(output_dir: Path, subject: str, *, sessions: Sequence[s
             _map_block(files, stats, figure, output_dir, note))
     for session, block in _segmentation_blocks(output_dir, subject, sessions, bids_dir,
                                                figures):
+        blocks.setdefault(session, []).append(block)
+    for session, block in registration_blocks(output_dir, subject, figures,
+                                              None if sessions is None else list(sessions)):
         blocks.setdefault(session, []).append(block)
     sections = [_summary_section(subject, output_dir, rows)]
     for session, html_blocks in blocks.items():

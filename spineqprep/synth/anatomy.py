@@ -9,6 +9,8 @@ posterior (kidney-bean) indentation for the vertebrae; disc surfaces are concave
 the centre); a 0.5-1.0 mm cartilage endplate lies between each disc and each neighbour;
 vertebrae end at the endplates. Around the column: spinal canal, posterior elements,
 paraspinal and psoas muscles, subcutaneous fat (from BMI), other soft tissue and air.
+Each disc is a known smooth deformation of its level's canonical disc (``discs``): membership,
+nucleus pattern and disc texture are evaluated in the canonical coordinates.
 
 ``evaluate`` labels any set of world points (voxel centres of any grid, in any orientation)
 without a reference grid, which is what makes every series sample the same subject.
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from spineqprep.synth import discs as dsc
 from spineqprep.synth import labels as lab
 from spineqprep.synth.cohort import Lesion, Participant, Visit, rng_for
 
@@ -29,9 +32,13 @@ _VERT_HALF_DEPTH = (14.0, 14.5, 15.0, 16.0, 16.5, 17.0, 17.5, 17.0)
 _VERT_HALF_WIDTH = (19.0, 20.0, 21.0, 22.5, 24.0, 25.0, 26.0, 25.0)
 _PSOAS_RADIUS = (0.0, 4.0, 8.0, 12.0, 16.0, 20.0, 22.0, 0.0)
 _DISC_HALF_HEIGHT = (3.0, 3.3, 3.6, 4.0, 4.4, 4.8, 4.4)
-_SUPERELLIPSE = 2.5
+_SUPERELLIPSE = dsc.SUPERELLIPSE
 _CEP_EXTENT = 0.92  # endplates cover this fraction of the disc radius (not the ring apophysis)
-_NUCLEUS_HALF_HEIGHT = 0.8  # nucleus extent along u, as a fraction of the local disc half height
+#: Reference anatomy of the canonical discs: scale 1, modified grade 1, mean endplate thickness,
+#: mean concavity and the grade-1 bulge.
+_CANONICAL_CEP = 0.75
+_CANONICAL_CONCAVITY = 1.15
+_CANONICAL_BULGE = 1.02
 _TEXTURE_MODES = 24
 _CANAL_GAP = 2.0  # posterior longitudinal ligament and epidural space (mm)
 
@@ -66,6 +73,7 @@ class Anatomy:
     lesions: tuple[Lesion, ...]
     texture_k: np.ndarray  # (modes, 3) wave vectors, rad/mm
     texture_phase: np.ndarray
+    disc_shapes: dsc.DiscShapes  # per-disc smooth displacement off the canonical disc
 
     # ---- coordinates -------------------------------------------------------------------
     def _ends(self) -> tuple[float, float]:
@@ -141,6 +149,46 @@ class Anatomy:
         phase += self.texture_phase.astype(np.float32)
         return np.float32(np.sqrt(2.0 / len(self.texture_phase))) * np.cos(phase).sum(axis=1)
 
+    # ---- discs as deformed canonical discs ---------------------------------------------
+    def _canonical(self, k: np.ndarray, du: np.ndarray, v: np.ndarray, w: np.ndarray,
+                   half_depth: np.ndarray, half_width: np.ndarray) -> np.ndarray:
+        """Disc-local coordinates of disc ``k[i]`` -> deformed normalised coordinates n'."""
+        n = dsc.normalise(du, v, w, half_width, half_depth, self.disc_half_height[k],
+                          self.disc_concavity[k])
+        return n + self.disc_shapes.displacement(k, n)
+
+    def disc_texture(self, k: np.ndarray, n_prime: np.ndarray) -> np.ndarray:
+        """Texture of disc ``k[i]`` at deformed normalised points: the field sampled at the
+        canonical millimetres (shifted per disc), so it moves with the disc's deformation."""
+        out = np.empty(len(k), np.float32)
+        for level in np.unique(k):
+            sel = k == level
+            c = canonical_disc(int(level)).embed(n_prime[sel])
+            out[sel] = self.texture(c + np.array([0.0, 0.0, self.disc_u[level]]))
+        return out
+
+    def disc_dims(self, k: int, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Half width and half depth (mm, with the bulge) of disc ``k`` at arc positions u."""
+        rev = slice(None, None, -1)
+        return (np.interp(u, self.vert_u[rev], self.vert_half_width[rev]) * self.disc_bulge[k],
+                np.interp(u, self.vert_u[rev], self.vert_half_depth[rev]) * self.disc_bulge[k])
+
+    def to_canonical(self, k: int, points: np.ndarray) -> np.ndarray:
+        """World points (N, 3) -> canonical millimetres (atlas space) of disc ``k``."""
+        u, v, w, _ = self.local(points)
+        aw, av = self.disc_dims(k, u)
+        n = self._canonical(np.full(len(u), k), u - self.disc_u[k], v, w, av, aw)
+        return canonical_disc(k).embed(n)
+
+    def from_canonical(self, k: int, c: np.ndarray) -> np.ndarray:
+        """Canonical millimetres (N, 3) of disc ``k`` -> world points: the native position
+        every atlas-space point comes from (inverse of ``to_canonical``)."""
+        n = self.disc_shapes.invert(k, canonical_disc(k).normalise(c))
+        rho = dsc.superellipse(n[:, 0], n[:, 1])
+        du = n[:, 2] * dsc.half_height(rho, self.disc_half_height[k], self.disc_concavity[k])
+        aw, av = self.disc_dims(k, self.disc_u[k] + du)
+        return self.world(self.disc_u[k] + du, n[:, 1] * av, n[:, 0] * aw)
+
     # ---- labelling ---------------------------------------------------------------------
     def evaluate(self, points: np.ndarray) -> Sample:
         """Label world points (N, 3) with the detailed labels of ``labels``."""
@@ -185,10 +233,11 @@ class Anatomy:
 
         # vertebral bodies, discs and cartilage endplates, per nearest disc
         k = np.argmin(np.abs(u[:, None] - self.disc_u[None, :]), axis=1)
-        du = u - self.disc_u[k]
         bulge = self.disc_bulge[k]
-        rho_d = _superellipse(v, w, av * bulge, aw * bulge)
-        half = self.disc_half_height[k] + self.disc_concavity[k] * np.clip(1 - rho_d ** 2, 0, 1)
+        n_disc = self._canonical(k, u - self.disc_u[k], v, w, av * bulge, aw * bulge)
+        rho_d = dsc.superellipse(n_disc[:, 0], n_disc[:, 1])
+        half = dsc.half_height(rho_d, self.disc_half_height[k], self.disc_concavity[k])
+        du = n_disc[:, 2] * half  # distance along u in the deformed disc's frame
         cep = np.where(du > 0, self.cep_superior_mm[k], self.cep_inferior_mm[k])
         in_plate = rho_d <= _CEP_EXTENT
         in_disc = (rho_d <= 1) & (np.abs(du) <= half)
@@ -205,6 +254,8 @@ class Anatomy:
         tex = np.zeros(n, np.float32)  # only where there is tissue: air needs none
         tissue = out != 0
         tex[tissue] = self.texture(p[tissue])
+        if in_disc.any():  # the disc texture is carried by the disc's deformation
+            tex[in_disc] = self.disc_texture(k[in_disc], n_disc[in_disc])
         for lesion in self.lesions:
             sel = in_vert & (jv == lesion.vertebra) & (k == lesion.disc)
             v0 = lesion.ap_offset * av[sel]
@@ -216,12 +267,8 @@ class Anatomy:
         frac = np.zeros(n, np.float32)
         if in_disc.any():
             kd = k[in_disc]
-            vn = v[in_disc] + 0.08 * av[in_disc] * bulge[in_disc]
-            rho_n = np.hypot(vn / (av[in_disc] * bulge[in_disc]), w[in_disc] / (
-                aw[in_disc] * bulge[in_disc]))
-            q = np.hypot(rho_n / self.nucleus_radius[kd],
-                         du[in_disc] / (half[in_disc] * _NUCLEUS_HALF_HEIGHT))
-            frac[in_disc] = 1.0 / (1.0 + np.exp((q - 1.0) / self.nucleus_blur[kd]))
+            frac[in_disc] = dsc.nucleus_fraction(n_disc[in_disc], self.nucleus_radius[kd],
+                                                 self.nucleus_blur[kd])
             nuc = np.array([lab.nucleus(i) for i in range(len(self.disc_u))], np.int16)
             ann = np.array([lab.annulus(i) for i in range(len(self.disc_u))], np.int16)
             out[in_disc] = np.where(frac[in_disc] >= 0.5, nuc[kd], ann[kd])
@@ -242,8 +289,23 @@ class Sample:
 
 
 def _superellipse(v: np.ndarray, w: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (np.abs(v / a) ** _SUPERELLIPSE + np.abs(w / b) ** _SUPERELLIPSE) ** (
-        1 / _SUPERELLIPSE)
+    return dsc.superellipse(v / a, w / b)
+
+
+def canonical_disc(k: int) -> dsc.CanonicalDisc:
+    """Canonical disc of ``DISCS[k]``: the disc of the reference anatomy (no scatter), its
+    half depth / width interpolated between the vertebrae as ``Anatomy.evaluate`` does."""
+    up = _DISC_HALF_HEIGHT[k] + _CANONICAL_CEP + _VERT_HALF_HEIGHT[k]
+    down = _DISC_HALF_HEIGHT[k] + _CANONICAL_CEP + _VERT_HALF_HEIGHT[k + 1]
+    t = down / (up + down)
+
+    def between(values: tuple[float, ...]) -> float:
+        return values[k + 1] + t * (values[k] - values[k + 1])
+
+    return dsc.CanonicalDisc(half_width=between(_VERT_HALF_WIDTH) * _CANONICAL_BULGE,
+                             half_depth=between(_VERT_HALF_DEPTH) * _CANONICAL_BULGE,
+                             rim_half_height=_DISC_HALF_HEIGHT[k],
+                             concavity=_CANONICAL_CONCAVITY)
 
 
 def rotation_matrix(ax: float, ay: float, az: float) -> np.ndarray:
@@ -307,4 +369,5 @@ def build_anatomy(person: Participant, visit: Visit, seed: int) -> Anatomy:
         canal_half_lr=canal[1], muscle_depth=muscle_depth,
         spinous_length=spinous, fat_mm=person.fat_mm, belly_mm=belly,
         half_body_width=body_width, lesions=person.lesions, texture_k=texture_k,
-        texture_phase=texture_phase)
+        texture_phase=texture_phase,
+        disc_shapes=dsc.draw_shapes(rng_for(seed, "disc-shape", person.index), nd))

@@ -6,11 +6,14 @@ into signal, and adding Rician noise. Relaxometry series use exactly
 ``S_k = Gain * PD * exp(-t_k / T) + noise`` with ``t_k`` the time stored in the file's sidecar and
 ``T``/``PD`` the maps written to the truth dataset on the same grid, so the error of a
 mono-exponential fit against the truth is noise only (no partial volume, B0/B1, T1 recovery or
-chemical shift is simulated).
+chemical shift is simulated). For every relaxometry series the truth also holds the true maps
+of each disc in its level's atlas space (``space-SpineDisc<LEVEL>``, on the shipped atlas grid),
+the reference of disc-by-disc registration.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -35,6 +38,7 @@ from spineqprep.bids.derivatives import (
 )
 from spineqprep.bids.schema import load_schema, series_suffixes
 from spineqprep.errors import UsageError
+from spineqprep.registration.atlas import Atlas, load_atlas, space_name
 from spineqprep.synth import labels as lab
 from spineqprep.synth import tables
 from spineqprep.synth.anatomy import Anatomy, build_anatomy
@@ -48,7 +52,7 @@ from spineqprep.synth.protocols import (
     site_label,
     site_protocol,
 )
-from spineqprep.synth.truth import disc_rows, sample_points
+from spineqprep.synth.truth import atlas_maps, disc_rows, sample_points
 
 GENERATOR = "spineqprep-synth"
 _TRUTH_TABLES = ["discs.tsv", "discs.json", "modic.tsv", "modic.json", "anatomy.tsv",
@@ -234,6 +238,7 @@ def _write_visit(raw: Path, truth: Path, person: Participant, visit: Visit, anat
         n += 2
 
     suffixes = series_suffixes()
+    in_atlas = _atlas_truth(anat, visit)
     for acq in site.acquisitions:
         affine, shape = _place(acq.grid, site, size, anat, seed, person, visit, acq.acq)
         labels, maps = _sample_grid(anat, affine, shape, visit)
@@ -269,7 +274,36 @@ def _write_visit(raw: Path, truth: Path, person: Participant, visit: Visit, anat
                             f"{series.quantity}) + Rician noise",
                 Gain=site.gain, NoiseSigma=sigma, SNR=series.snr,
             ), path.with_name(path.name.replace(".nii.gz", ".json")))
+            for level, (mask, maps_in_atlas) in in_atlas.items():
+                path = truth / build_path({**ents, "space": space_name(level)}, suffix,
+                                          ".nii.gz")
+                atomic_write_nifti(_nifti(maps_in_atlas[series.quantity], mask.affine), path)
+                atomic_write_json(map_metadata(
+                    suffix, sources,
+                    Description=f"Ground truth {series.quantity} (s) of disc {level} in atlas "
+                                f"space {space_name(level)}: the disc's pattern at each atlas "
+                                "voxel's canonical coordinates; NaN outside the atlas disc.",
+                    EstimationMethod="none (synthetic ground truth)",
+                    **{spec["time_field"]: list(series.times_s)},
+                ), path.with_name(path.name.replace(".nii.gz", ".json")))
     return n
+
+
+@functools.cache
+def _shipped_atlas() -> Atlas:
+    return load_atlas()
+
+
+def _atlas_truth(anat: Anatomy, visit: Visit) -> dict[str, tuple[nib.Nifti1Image,
+                                                                 dict[str, np.ndarray]]]:
+    """Atlas disc and true atlas-space maps of every schema level of one visit."""
+    atlas = _shipped_atlas()
+    out = {}
+    for level in lab.SCHEMA_DISCS:
+        mask = atlas.mask(level)
+        out[level] = (mask, atlas_maps(anat, visit, lab.DISCS.index(level), mask,
+                                       atlas.canonical_scale.get(level, (1.0, 1.0, 1.0))))
+    return out
 
 
 def _write_truth_grid(truth: Path, entities: Mapping[str, Any], affine: np.ndarray,

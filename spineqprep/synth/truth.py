@@ -3,17 +3,21 @@
 The ``discs.tsv`` values do not depend on any acquisition grid: nucleus / disc means are taken
 on a 0.5 x 1 x 1 mm grid aligned with each disc, the central nucleus T1rho (the quantity that
 defines the degeneration phase, METHODS 4) on a 0.25 mm grid of the mid-sagittal plane.
+``atlas_maps`` gives the true maps of a disc in atlas space: atlas coordinates are the level's
+canonical disc coordinates (``discs``), so every atlas voxel takes the disc's pattern there.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 
+from spineqprep.synth import discs as dsc
 from spineqprep.synth import labels as lab
 from spineqprep.synth import tissues
-from spineqprep.synth.anatomy import Anatomy
+from spineqprep.synth.anatomy import Anatomy, canonical_disc
 from spineqprep.synth.cohort import Visit
 
 _STEP = (0.5, 1.0, 1.0)  # along the disc axis, anterior, right (mm)
@@ -109,3 +113,25 @@ def disc_rows(anat: Anatomy, visit: Visit) -> list[dict[str, Any]]:
             "cep_inf_thickness_mm": float(anat.cep_inferior_mm[k]),
         })
     return rows
+
+
+def atlas_maps(anat: Anatomy, visit: Visit, k: int, atlas_mask: nib.Nifti1Image,
+               scale: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> dict[str, np.ndarray]:
+    """True T1, T2, T1rho, T2* (s) and PD of disc ``k`` on its atlas grid, NaN outside the
+    atlas disc: the nucleus-annulus pattern and texture at each voxel's canonical coordinates
+    (atlas millimetres / ``scale``; extended smoothly wherever the atlas disc overhangs the
+    canonical one)."""
+    inside = np.asarray(atlas_mask.dataobj) > 0.5
+    ijk = np.argwhere(inside)
+    c = (ijk @ atlas_mask.affine[:3, :3].T + atlas_mask.affine[:3, 3]) / np.asarray(scale)
+    n = canonical_disc(k).normalise(c)
+    frac = dsc.nucleus_fraction(n, anat.nucleus_radius[k], anat.nucleus_blur[k])
+    labels = np.where(frac >= 0.5, lab.nucleus(k), lab.annulus(k)).astype(np.int16)
+    tex = anat.disc_texture(np.full(len(n), k), n)
+    out = {}
+    for q, values in tissues.truth_maps(labels, frac.astype(np.float32), tex,
+                                        visit.discs).items():
+        full = np.full(inside.shape, np.nan, np.float32)
+        full[inside] = values
+        out[q] = full
+    return out

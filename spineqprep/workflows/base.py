@@ -11,6 +11,7 @@ from nipype.pipeline import engine as pe
 from spineqprep.bids.layout import Series
 from spineqprep.config import RunConfig
 from spineqprep.interfaces.bids import CommitDerivatives
+from spineqprep.workflows.registration import REGISTERED_TARGETS, init_disc_registration_wf
 from spineqprep.workflows.relaxometry import init_relaxometry_wf
 from spineqprep.workflows.segmentation import (
     init_endplate_segmentation_wf,
@@ -71,7 +72,8 @@ def init_spineqprep_wf(config: RunConfig, plans: list[SubjectPlan]) -> pe.Workfl
 
 def init_single_subject_wf(config: RunConfig, plan: SubjectPlan) -> pe.Workflow:
     """Map every relaxometry series of one subject, segment each mapping grid (and the sagittal
-    T2w), compute whole-region statistics of the maps, then publish the subject's derivatives."""
+    T2w), compute whole-region statistics of the maps, bring the T2 / T1rho maps of every disc
+    into atlas space, then publish the subject's derivatives."""
     wf = pe.Workflow(name=f"sub_{plan.subject}_wf")
     staging = staging_dir(config)
     staging.mkdir(parents=True, exist_ok=True)
@@ -99,6 +101,27 @@ def init_single_subject_wf(config: RunConfig, plan: SubjectPlan) -> pe.Workflow:
             staged.append((seg_wf, "outputnode.out_files"))
             staged += _region_statistics(wf, plan, series_wfs, seg_wf, session, acq, "regions",
                                          staging)
+            targets = [(series, series_wf) for i, (series, series_wf)
+                       in enumerate(zip(plan.series, series_wfs, strict=True))
+                       if (series.session, series.acq) == (session, acq)
+                       and series.target in REGISTERED_TARGETS
+                       and _complete_fit(series.target, plan.precomputed.get(i))]
+            if config.registration and targets:
+                suffix = f"{_prefix(session)}acq_{acq or 'none'}"
+                reg_wf = init_disc_registration_wf(
+                    entities, [s for s, _ in targets], staging_dir=staging,
+                    raw_dir=config.bids_dir, atlas_dir=config.atlas,
+                    backend=config.registration_backend,
+                    parameter_maps=config.registration_params, warp=config.warp,
+                    fit_model=config.fit_model, omp_nthreads=config.omp_nthreads,
+                    name=f"reg_{suffix}_wf")
+                fits = pe.Node(niu.Merge(len(targets)), name=f"fits_{suffix}",
+                               run_without_submitting=True)
+                for j, (_, series_wf) in enumerate(targets, start=1):
+                    wf.connect(series_wf, "outputnode.out_files", fits, f"in{j}")
+                wf.connect([(fits, reg_wf, [("out", "inputnode.fits")]),
+                            (seg_wf, reg_wf, [("outputnode.dseg", "inputnode.dseg")])])
+                staged.append((reg_wf, "outputnode.out_files"))
         for (session, acq), (ute, locator) in plan.endplates.items():
             cep_wf = init_endplate_segmentation_wf(
                 ute, _entities(plan.subject, session, acq), staging_dir=staging,
@@ -146,6 +169,11 @@ def _region_statistics(wf: pe.Workflow, plan: SubjectPlan, series_wfs: list[pe.W
 
 def _entities(subject: str, session: str | None, acq: str | None) -> dict[str, str]:
     return {k: v for k, v in {"sub": subject, "ses": session, "acq": acq}.items() if v}
+
+
+def _complete_fit(target: str, precomputed: dict[str, Path] | None) -> bool:
+    """A series fitted here, or reused with its map and all three fit by-products."""
+    return not precomputed or {target, "S0map", "Rsquared", "mask"} <= set(precomputed)
 
 
 def _prefix(session: str | None) -> str:

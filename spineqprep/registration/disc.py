@@ -1,0 +1,266 @@
+"""Disc-by-disc mask-guided registration to an atlas disc, behind one interface.
+
+METHODS.md section 1: each disc mask is registered to the same level's atlas disc (centroid
+translation, four-resolution affine, B-spline with mutual information and a rigidity penalty),
+then every image of that disc is warped with the resulting transform. Two backends share this
+interface: itk-elastix (the published method, default) and ANTsPy (Affine then SyN).
+
+Both backends work in physical space, so voxel size and orientation never matter: a 3D image is
+handed over in ITK's LPS world coordinates (so the elastix / ANTs transform files apply to the
+NIfTI files with any ITK tool), and a single slice (2D data, e.g. one 8 mm sagittal slice) is
+expressed in the in-plane coordinates (mm) of the atlas slice, onto which it is projected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from spineqprep.errors import InputError, UsageError
+from spineqprep.registration.quality import DiscQuality, assess, failed
+
+BACKENDS = ("elastix", "ants")
+INTERPOLATIONS = ("linear", "nearest", "bspline")
+# the widest angle between a slice and the atlas slice that still counts as the same plane
+MAX_PLANE_ANGLE_DEG = 30.0
+# Gaussian smoothing (mm) of the binary masks before registration: the smoothed, rescaled
+# masks give the similarity metric a gradient (binary masks let the rigidity term swamp it)
+MASK_SIGMA_MM = 1.0
+MASK_SCALE = 1.0
+# registration runs on a bounded region around each disc (margin, mm) resampled to a grid no
+# finer than REGISTRATION_SPACING_MM: the rigidity penalty's cost grows with the number of
+# B-spline control points, so this keeps a 3D disc within seconds (docs/registration.md)
+ROI_MARGIN_MM = 4.0
+REGISTRATION_SPACING_MM = 1.0
+
+
+@dataclass(frozen=True)
+class DiscTransform:
+    """Transform files from a native disc to its atlas disc, in the order a user applies them.
+
+    elastix: ``TransformParameters.N.txt`` (affine then B-spline; each names its predecessor in
+    ``InitialTransformParameterFileName``); ANTs: the ``fwdtransforms`` list of
+    ``ants.registration`` (warp field, affine .mat), as ``antsApplyTransforms -t`` takes them.
+    """
+
+    backend: str
+    files: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """An image in the registration's physical frame: ITK-style origin, spacing, direction.
+
+    ``data`` is indexed (i, j[, k]) like the NIfTI voxel axes that were kept; physical point =
+    origin + direction @ (spacing * index).
+    """
+
+    data: np.ndarray
+    origin: np.ndarray
+    spacing: np.ndarray
+    direction: np.ndarray
+
+
+def register_disc(
+    moving_mask: nib.Nifti1Image,
+    atlas_mask: nib.Nifti1Image,
+    out_dir: Path,
+    *,
+    backend: str = "elastix",
+    parameter_maps: Sequence[Path] | None = None,
+    min_dice: float = 0.85,
+) -> tuple[DiscTransform, DiscQuality]:
+    """Register one native disc mask to its atlas disc; write the transform files to out_dir.
+
+    ``moving_mask`` is the binary mask of one disc on its native grid (any affine / voxel
+    size; a single slice registers in 2D against a single-slice atlas). ``parameter_maps``
+    replaces the packaged elastix maps (elastix only). A disc that cannot be registered (empty
+    mask, backend failure) gets a failed quality record and no files, never an exception; bad
+    arguments raise UsageError / InputError.
+    """
+    _check_backend(backend)
+    if parameter_maps is not None and backend != "elastix":
+        raise UsageError(f"parameter maps are elastix files; backend {backend!r} takes none",
+                         fix="drop --registration-params or use --registration-backend elastix")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    moving = np.asarray(moving_mask.dataobj) > 0.5
+    atlas = np.asarray(atlas_mask.dataobj) > 0.5
+    if not atlas.any():
+        raise InputError("the atlas disc mask is empty", fix="pass the atlas disc of this level")
+    if not moving.any():
+        return DiscTransform(backend, ()), failed("empty disc mask")
+    engine = _engine(backend)
+    try:
+        files = engine.register(
+            region_of_interest(to_grid(moving_mask, atlas_mask, smooth=True)),
+            region_of_interest(to_grid(atlas_mask, atlas_mask, smooth=True)),
+            out_dir,
+            parameter_maps=parameter_maps,
+        )
+        reference = to_grid(atlas_mask, atlas_mask, smooth=False)
+        warped = engine.apply(files, to_grid(moving_mask, atlas_mask, smooth=False), reference,
+                              "linear")
+        det_j = engine.det_jacobian(files, reference)
+    except (RuntimeError, ValueError) as err:  # a backend failure fails this disc only
+        message = " ".join(str(err).split())[:300]
+        return DiscTransform(backend, ()), failed(f"{backend} failed: {message}")
+    quality = assess(warped > 0.5, reference.data > 0.5, det_j, min_dice=min_dice)
+    return DiscTransform(backend, tuple(files)), quality
+
+
+def apply_transform(
+    transform: DiscTransform,
+    image: nib.Nifti1Image,
+    atlas_mask: nib.Nifti1Image,
+    *,
+    interpolation: str = "linear",
+) -> nib.Nifti1Image:
+    """Warp a native image of the disc (echo, map, mask) onto the atlas grid.
+
+    The result has the atlas mask's shape and affine, float32, 0 outside the native field of
+    view. ``interpolation``: "linear" (images, maps), "nearest" (label masks) or "bspline"
+    (cubic; elastix and ANTs both offer it).
+    """
+    _check_backend(transform.backend)
+    if interpolation not in INTERPOLATIONS:
+        raise UsageError(f"unknown interpolation {interpolation!r}",
+                         fix=f"use one of {', '.join(INTERPOLATIONS)}")
+    if not transform.files:
+        raise UsageError("this disc has no transform (its registration failed)",
+                         fix="skip discs whose quality did not pass")
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    if data.ndim > 3:
+        raise InputError(f"expected one 3D volume, got shape {data.shape}",
+                         fix="warp each echo / volume separately")
+    grid = to_grid(image, atlas_mask, smooth=False)
+    reference = to_grid(atlas_mask, atlas_mask, smooth=False)
+    warped = _engine(transform.backend).apply(transform.files, grid, reference, interpolation)
+    shape = atlas_mask.shape[:3]
+    out = warped.astype(np.float32).reshape(shape)
+    header = atlas_mask.header.copy()
+    header.set_data_dtype(np.float32)
+    return nib.Nifti1Image(out, atlas_mask.affine, header)
+
+
+def is_single_slice(img: nib.Nifti1Image) -> bool:
+    """True for one slice (one spatial axis of length 1): registered in 2D."""
+    return len(img.shape) >= 3 and min(img.shape[:3]) == 1
+
+
+def to_grid(img: nib.Nifti1Image, atlas: nib.Nifti1Image, *, smooth: bool) -> Grid:
+    """Express a NIfTI image in the registration frame fixed by the atlas (see module doc).
+
+    ``smooth`` turns a binary mask into the registration input: Gaussian-smoothed
+    (``MASK_SIGMA_MM`` in every in-plane / in-volume direction) and rescaled to 0..MASK_SCALE.
+    """
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    if data.ndim == 2:
+        data = data[:, :, None]
+    if data.ndim != 3:
+        raise InputError(f"expected a 3D image, got shape {data.shape}")
+    affine = img.affine
+    if is_single_slice(atlas) != is_single_slice(img):
+        raise InputError(
+            "the image and the atlas disc must both be single slices (2D) or both volumes (3D): "
+            f"got shapes {img.shape[:3]} and {atlas.shape[:3]}",
+            fix="use a single-slice atlas for single-slice data and a 3D atlas for volumes",
+        )
+    if smooth:
+        zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+        sigma = [0.0 if n == 1 else MASK_SIGMA_MM / z
+                 for n, z in zip(data.shape, zooms, strict=True)]
+        data = ndimage.gaussian_filter((data > 0.5).astype(np.float32), sigma, mode="constant")
+        peak = float(data.max())
+        data = MASK_SCALE * data / peak if peak > 0 else data
+    if not is_single_slice(img):
+        lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+        spacing, direction = _polar(lps[:3, :3])
+        return Grid(data, lps[:3, 3].copy(), spacing, direction)
+    origin, axes = _plane_frame(atlas)
+    keep = [a for a in range(3) if data.shape[a] != 1]
+    columns = axes.T @ affine[:3, keep]  # voxel steps of the kept axes, in plane coordinates
+    normal_atlas = _normal(atlas.affine, atlas.shape)
+    normal_img = _normal(affine, data.shape)
+    angle = np.degrees(np.arccos(min(1.0, abs(float(normal_atlas @ normal_img)))))
+    if angle > MAX_PLANE_ANGLE_DEG:
+        raise InputError(
+            f"the slice is {angle:.0f} degrees away from the atlas slice plane",
+            fix="use an atlas slice in the same orientation as the data (e.g. sagittal)",
+        )
+    spacing, direction = _polar(columns)
+    plane_origin = axes.T @ (affine[:3, 3] - origin)
+    return Grid(data.reshape([data.shape[a] for a in keep]), plane_origin, spacing, direction)
+
+
+def region_of_interest(
+    grid: Grid,
+    margin_mm: float = ROI_MARGIN_MM,
+    spacing_mm: float = REGISTRATION_SPACING_MM,
+) -> Grid:
+    """The part of a (smoothed) mask grid around the disc, resampled no finer than spacing_mm.
+
+    The box is the disc's bounding box (smoothed value > 1e-4 of its peak) grown by margin_mm;
+    each axis keeps its own spacing when that is already coarser than spacing_mm. Linear
+    interpolation.
+    """
+    inside = np.argwhere(grid.data > 1e-4 * grid.data.max())
+    pad = np.ceil(margin_mm / grid.spacing).astype(int)
+    start = np.maximum(inside.min(axis=0) - pad, 0)
+    stop = np.minimum(inside.max(axis=0) + pad, np.array(grid.data.shape) - 1)
+    spacing = np.maximum(grid.spacing, spacing_mm)
+    size = np.floor((stop - start) * grid.spacing / spacing).astype(int) + 1
+    axes = [start[a] + np.arange(size[a]) * spacing[a] / grid.spacing[a] for a in range(len(size))]
+    coords = np.meshgrid(*axes, indexing="ij")
+    data = ndimage.map_coordinates(grid.data, coords, order=1, mode="constant")
+    origin = grid.origin + grid.direction @ (grid.spacing * start)
+    return Grid(data.astype(np.float32), origin, spacing, grid.direction)
+
+
+def _plane_frame(atlas: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
+    """Origin (mm) and two orthonormal in-plane axes (3 x 2) of a single-slice atlas."""
+    keep = [a for a in range(3) if atlas.shape[a] != 1]
+    first = atlas.affine[:3, keep[0]] / np.linalg.norm(atlas.affine[:3, keep[0]])
+    second = atlas.affine[:3, keep[1]] - (atlas.affine[:3, keep[1]] @ first) * first
+    second /= np.linalg.norm(second)
+    return atlas.affine[:3, 3].copy(), np.stack([first, second], axis=1)
+
+
+def _normal(affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Unit normal of a single slice's plane."""
+    keep = [a for a in range(3) if shape[a] != 1]
+    normal = np.cross(affine[:3, keep[0]], affine[:3, keep[1]])
+    return normal / np.linalg.norm(normal)
+
+
+def _polar(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split voxel-step columns into spacing and the nearest orthonormal direction matrix.
+
+    ITK images need an orthonormal direction; sheared affines (rare) lose their shear here,
+    as they do when ITK reads such a NIfTI file.
+    """
+    spacing = np.sqrt((matrix**2).sum(axis=0))
+    u, _, vt = np.linalg.svd(matrix / spacing)
+    return spacing, u @ vt
+
+
+def _engine(backend: str):
+    """The backend module (imported on first use: ITK / ANTs load slowly)."""
+    if backend == "elastix":
+        from spineqprep.registration import elastix
+
+        return elastix
+    from spineqprep.registration import ants
+
+    return ants
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown registration backend {backend!r}",
+                         fix=f"use one of {', '.join(BACKENDS)}")

@@ -1,0 +1,118 @@
+"""Atlas space end to end: discs registered, echoes warped and fitted, against the truth.
+
+Held-out data: generator seed 2031 and site B (development used seed 3, site A).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import ndimage
+
+from spineqprep.bids.validate_derivatives import check_derivatives
+from spineqprep.cli.run import main
+from spineqprep.registration.atlas import load_atlas, space_name
+from spineqprep.registration.pipeline import SeriesInput, disc_labels, register_grid
+from spineqprep.relaxometry import fit_images
+from spineqprep.synth import generate_dataset
+
+HELD_OUT_SEED = 2031
+LEVELS = ("L3L4", "L4L5")
+
+
+def _pattern_r(estimate: np.ndarray, truth: np.ndarray, valid: np.ndarray) -> float:
+    """Pearson r over the atlas disc's interior (one voxel in from its outline: the outline
+    layer mixes in the native grid's partial volume) where the fit is valid."""
+    inside = ndimage.binary_erosion(np.isfinite(truth)) & valid & np.isfinite(estimate)
+    return float(np.corrcoef(estimate[inside], truth[inside])[0, 1])
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reg_held_out")
+    return generate_dataset(root / "bids", n_subjects=2, n_sites=2, seed=HELD_OUT_SEED,
+                            size="medium")
+
+
+def test_discs_in_atlas_space_match_the_truth(held_out, tmp_path) -> None:
+    subject = next(s for s, site in held_out.sites.items() if site == "B")
+    anat = held_out.raw_dir / f"sub-{subject}" / "anat"
+    files = sorted(anat.glob(f"sub-{subject}_acq-mese_echo-*_MESE.nii.gz"))
+    times = [json.loads(f.with_name(f.name.replace(".nii.gz", ".json")).read_text())["EchoTime"]
+             for f in files]
+    images = tuple(nib.load(f) for f in files)
+    native = fit_images(images, times, t_range=(0.001, 1.0))
+    truth = held_out.truth_dir / f"sub-{subject}" / "anat"
+    dseg = nib.load(truth / f"sub-{subject}_acq-mese_dseg.nii.gz")
+    series = SeriesInput("T2map", images, tuple(times), native)
+    results = register_grid(dseg, [series], load_atlas(), tmp_path, disc_labels=disc_labels(),
+                            fit_kw={"t_range": (0.001, 1.0)}, levels=LEVELS)
+    for r in results:
+        q = r.quality
+        assert q.passed, (r.level, q)
+        assert q.dice >= 0.95, (r.level, q.dice)
+        assert q.folded_fraction == 0
+        assert q.histogram_distance is not None and q.histogram_distance < 0.1
+        fitted = r.maps["T2map"]["echoes"]
+        estimate = np.asarray(fitted["T"].dataobj)
+        true = np.asarray(nib.load(
+            truth / f"sub-{subject}_acq-mese_space-{space_name(r.level)}_T2map.nii.gz").dataobj)
+        assert estimate.shape == true.shape
+        assert np.array_equal(np.isfinite(estimate), np.isfinite(true))  # NaN off the disc
+        r_value = _pattern_r(estimate, true, np.asarray(fitted["mask"].dataobj) > 0)
+        assert r_value >= 0.9, (r.level, r_value)
+
+
+def test_participant_level_writes_atlas_space_maps_and_flags_a_failed_disc(tmp_path) -> None:
+    synth = generate_dataset(tmp_path / "bids", n_subjects=1, n_sites=1, seed=HELD_OUT_SEED)
+    subject = synth.participants[0]
+    # segmentations given as derivatives (the truth's), with the L1L2 disc erased: that disc
+    # must be flagged and skipped while the others go on
+    given = tmp_path / "given"
+    given.mkdir()
+    for name in ("dataset_description.json", "dseg.tsv"):
+        shutil.copy(synth.truth_dir / name, given)
+    for path in (synth.truth_dir / f"sub-{subject}" / "anat").glob("*_dseg.nii.gz"):
+        if "desc-" in path.name:
+            continue
+        img = nib.load(path)
+        data = np.asarray(img.dataobj).copy()
+        data[data == disc_labels()["L1L2"]] = 0
+        out = given / path.relative_to(synth.truth_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(data, img.affine, img.header), out)
+    out, work = tmp_path / "out", tmp_path / "work"
+    code = main([str(synth.raw_dir), str(out), "participant", "-w", str(work), "--nprocs", "2",
+                 "--derivatives", str(given)])
+    assert code == 0
+    anat = out / f"sub-{subject}" / "anat"
+    qc = pd.read_csv(anat / f"sub-{subject}_acq-mapss_desc-registration_qc.tsv", sep="\t",
+                     na_values="n/a", keep_default_na=False)
+    assert list(qc.columns) == ["level", "dice", "jacobian_mean", "jacobian_sd",
+                                "folded_fraction", "histogram_distance", "passed", "reason"]
+    failed = qc.set_index("level").loc["L1L2"]
+    assert str(failed["passed"]).lower() == "false" and "empty" in failed["reason"]
+    assert not list(anat.glob("*_space-SpineDiscL1L2_*"))
+    for row in qc.itertuples():
+        if str(row.passed).lower() != "true":
+            continue
+        for suffix in ("T2map", "T1rho"):
+            path = anat / f"sub-{subject}_acq-mapss_space-{space_name(row.level)}_{suffix}.nii.gz"
+            assert path.exists()
+            meta = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
+            assert meta["RegistrationQC"]["Passed"] is True
+            assert meta["RegistrationQC"]["FoldedFraction"] == 0
+            for transform in meta["Transforms"]:
+                assert (out / transform.removeprefix("bids::")).exists()
+            assert nib.load(path).shape == load_atlas().mask(row.level).shape
+    assert (qc["passed"].astype(str).str.lower() == "true").sum() >= 1
+    assert not check_derivatives(out)
+    report = (out / f"sub-{subject}.html").read_text()
+    assert "Atlas space" in report and "registration.png" in report
+    assert (out / f"sub-{subject}" / "figures" /
+            f"sub-{subject}_acq-mapss_registration.png").exists()
