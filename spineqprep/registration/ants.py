@@ -48,10 +48,12 @@ def register(
     out_dir: Path,
     *,
     parameter_maps: Sequence[Path] | None = None,
+    attempt: int = 0,
 ) -> tuple[Path, ...]:
     """Register the smoothed moving mask to the atlas one; return ANTs' forward transforms.
 
-    ``parameter_maps`` must be None (elastix files do not apply; disc.py checks this).
+    ``parameter_maps`` must be None (elastix files do not apply; disc.py checks this);
+    ``attempt`` > 0 changes the random seed (a retry).
     """
     ants = ants_module()
     result = ants.registration(
@@ -62,7 +64,7 @@ def register(
         aff_metric="meansquares",
         syn_metric="meansquares",
         reg_iterations=(40, 20, 0),
-        random_seed=20240,
+        random_seed=20240 + 7919 * attempt,
     )
     return tuple(Path(p) for p in result["fwdtransforms"])
 

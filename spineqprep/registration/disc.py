@@ -66,6 +66,11 @@ class Grid:
     direction: np.ndarray
 
 
+#: Further attempts (other random samples) for a disc whose registration fails its quality
+#: check: the stochastic optimiser occasionally lands in a reflected or collapsed solution.
+RETRIES = 2
+
+
 def register_disc(
     moving_mask: nib.Nifti1Image,
     atlas_mask: nib.Nifti1Image,
@@ -96,22 +101,29 @@ def register_disc(
     if not moving.any():
         return DiscTransform(backend, ()), failed("empty disc mask")
     engine = _engine(backend)
-    try:
-        files = engine.register(
-            region_of_interest(to_grid(moving_mask, atlas_mask, smooth=True)),
-            region_of_interest(to_grid(atlas_mask, atlas_mask, smooth=True)),
-            out_dir,
-            parameter_maps=parameter_maps,
-        )
-        reference = to_grid(atlas_mask, atlas_mask, smooth=False)
-        warped = engine.apply(files, to_grid(moving_mask, atlas_mask, smooth=False), reference,
-                              "linear")
-        det_j = engine.det_jacobian(files, reference)
-    except (RuntimeError, ValueError) as err:  # a backend failure fails this disc only
-        message = " ".join(str(err).split())[:300]
-        return DiscTransform(backend, ()), failed(f"{backend} failed: {message}")
-    quality = assess(warped > 0.5, reference.data > 0.5, det_j, min_dice=min_dice)
-    return DiscTransform(backend, tuple(files)), quality
+    result = (DiscTransform(backend, ()), failed(f"{backend} was not run"))
+    for attempt in range(RETRIES + 1):
+        try:
+            files = engine.register(
+                region_of_interest(to_grid(moving_mask, atlas_mask, smooth=True)),
+                region_of_interest(to_grid(atlas_mask, atlas_mask, smooth=True)),
+                out_dir,
+                parameter_maps=parameter_maps,
+                attempt=attempt,
+            )
+            reference = to_grid(atlas_mask, atlas_mask, smooth=False)
+            warped = engine.apply(files, to_grid(moving_mask, atlas_mask, smooth=False),
+                                  reference, "linear")
+            det_j = engine.det_jacobian(files, reference)
+        except (RuntimeError, ValueError) as err:  # a backend failure fails this disc only
+            message = " ".join(str(err).split())[:300]
+            result = (DiscTransform(backend, ()), failed(f"{backend} failed: {message}"))
+            continue
+        quality = assess(warped > 0.5, reference.data > 0.5, det_j, min_dice=min_dice)
+        result = (DiscTransform(backend, tuple(files)), quality)
+        if quality.passed:
+            break
+    return result
 
 
 def apply_transform(

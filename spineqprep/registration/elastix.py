@@ -59,8 +59,10 @@ def register(
     out_dir: Path,
     *,
     parameter_maps: Sequence[Path] | None = None,
+    attempt: int = 0,
 ) -> tuple[Path, ...]:
     """Register the smoothed moving mask to the fixed (atlas) one; return the transform files.
+    ``attempt`` > 0 shifts every map's ``RandomSeed`` (a retry draws other samples).
 
     The files are ``TransformParameters.N.txt`` in out_dir, in the order they are applied;
     each names its predecessor (file name only: run transformix from out_dir, or load them
@@ -70,6 +72,10 @@ def register(
     parameters = itk.ParameterObject.New()
     for path in elastix_parameter_files(parameter_maps):
         parameters.AddParameterFile(str(path))
+    if attempt:
+        for index in range(parameters.GetNumberOfParameterMaps()):
+            seed = parameters.GetParameterMap(index).get("RandomSeed", ("0",))[0]
+            parameters.SetParameter(index, "RandomSeed", str(int(seed) + 7919 * attempt))
     method = itk.ElastixRegistrationMethod.New(to_itk(fixed), to_itk(moving))
     method.SetParameterObject(parameters)
     method.SetLogToConsole(False)
