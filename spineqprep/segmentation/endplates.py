@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from spineqprep.errors import InputError
 from spineqprep.segmentation import model_io, trainset
 from spineqprep.segmentation.infer import predict_probabilities
 from spineqprep.segmentation.localise import CropBox, crop, l5_crop_box
@@ -239,22 +240,31 @@ def segment_endplates(ute: nib.Nifti1Image, spine_dseg: nib.Nifti1Image, *,
                       n_threads: int = 1, cutoffs: Mapping[str, float] | None = None
                       ) -> EndplateSegmentation:
     """Segment the four endplates on ``ute`` (its first echo) in the 64 x 64 mm crop centred
-    on the L5 body of ``spine_dseg`` (any grid of the same exam: scanner coordinates)."""
+    on the L5 body of ``spine_dseg`` (any grid of the same exam: scanner coordinates). Without
+    an L5 in ``spine_dseg`` nothing is segmented and a flag says why (the subject's other
+    outputs are not held back by it)."""
     if bundle is None or isinstance(bundle, str | Path):
         model, meta = model_io.load_bundle(bundle, name="endplates")
     else:
         model, meta = bundle
     classes = tuple(meta["classes"])
-    box = l5_crop_box(spine_dseg, ute, meta["input"].get("crop_mm", (64.0, 64.0)))
-    cropped = crop(ute, box)
-    probs_crop = calibrate(predict_probabilities(cropped, model, meta, n_threads=n_threads),
-                           meta.get("class_weights"))
     shape = ute.shape[:3] if len(ute.shape) >= 3 else (*ute.shape, 1)
     probs = np.zeros((*shape, len(classes)), np.float32)
     probs[..., 0] = 1.0
+    cut = {**DEFAULT_CUTOFFS, **meta.get("cutoffs", {}), **(cutoffs or {})}
+    try:
+        box = l5_crop_box(spine_dseg, ute, meta["input"].get("crop_mm", (64.0, 64.0)))
+    except InputError as err:  # no L5 on the locating image: flagged, the maps go on
+        box = CropBox((0, 0, 0), (0, 0, 0), (np.nan,) * 3)
+        return EndplateSegmentation(
+            _on_grid(np.zeros(shape, np.uint16), ute), _on_grid(probs, ute), box,
+            dict.fromkeys(classes[1:], 0), {k: float(v) for k, v in cut.items()},
+            [f"endplates not segmented: {str(err).splitlines()[0]}"], classes)
+    cropped = crop(ute, box)
+    probs_crop = calibrate(predict_probabilities(cropped, model, meta, n_threads=n_threads),
+                           meta.get("class_weights"))
     probs[box.slices] = probs_crop.reshape(*box.shape, len(classes))
     zooms = np.linalg.norm(np.asarray(ute.affine)[:3, :3], axis=0)
-    cut = {**DEFAULT_CUTOFFS, **meta.get("cutoffs", {}), **(cutoffs or {})}
     dseg, flags = label_endplates(probs, zooms, classes, cut)
     found = {name: int(np.count_nonzero(dseg == DSEG_LABELS[name])) for name in classes[1:]}
     return EndplateSegmentation(_on_grid(dseg, ute), _on_grid(probs, ute), box, found,

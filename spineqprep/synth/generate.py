@@ -38,7 +38,7 @@ from spineqprep.bids.derivatives import (
 )
 from spineqprep.bids.schema import load_schema, series_suffixes
 from spineqprep.errors import UsageError
-from spineqprep.registration.atlas import Atlas, load_atlas, space_name
+from spineqprep.registration.atlas import Atlas, load_atlas, mask_name, space_name
 from spineqprep.synth import labels as lab
 from spineqprep.synth import tables
 from spineqprep.synth.anatomy import Anatomy, build_anatomy
@@ -284,6 +284,7 @@ def _write_visit(raw: Path, truth: Path, person: Participant, visit: Visit, anat
                                 f"space {space_name(level)}: the disc's pattern at each atlas "
                                 "voxel's canonical coordinates; NaN outside the atlas disc.",
                     EstimationMethod="none (synthetic ground truth)",
+                    SpatialReference=f"bids:atlas:{mask_name(level)}",
                     **{spec["time_field"]: list(series.times_s)},
                 ), path.with_name(path.name.replace(".nii.gz", ".json")))
     return n

@@ -36,6 +36,7 @@ from spineqprep.bids.derivatives import (
     write_dataset_description,
 )
 from spineqprep.errors import SpineqprepError, UsageError
+from spineqprep.registration.atlas import mask_name
 from spineqprep.synth.tables import write_tsv
 
 LEVELS: tuple[str, ...] = ("L1L2", "L2L3", "L3L4", "L4L5", "L5S1")
@@ -213,7 +214,7 @@ def _write_map(root: Path, person: dict[str, Any], session: int, spec: GroupMaps
     atomic_write_nifti(img, path)
     atomic_write_json({
         "Units": "s", "SkullStripped": False,
-        "SpatialReference": f"bids:atlas:tpl-spinedisc_desc-{level}_mask.nii.gz",
+        "SpatialReference": f"bids:atlas:{mask_name(level)}",
         "RegistrationQC": {"Dice": 0.93 if passed else 0.41, "JacobianMean": 1.0,
                            "JacobianSD": 0.08, "FoldedFraction": 0.0 if passed else 0.03,
                            "Passed": passed},
