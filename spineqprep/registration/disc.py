@@ -67,7 +67,8 @@ class Grid:
 
 
 #: Further attempts (other random samples) for a disc whose registration fails its quality
-#: check: the stochastic optimiser occasionally lands in a reflected or collapsed solution.
+#: check: the stochastic optimiser occasionally lands in a reflected or collapsed solution;
+#: with elastix, ANTs is then tried once before the disc is flagged.
 RETRIES = 2
 
 
@@ -123,6 +124,12 @@ def register_disc(
         result = (DiscTransform(backend, tuple(files)), quality)
         if quality.passed:
             break
+    if not result[1].passed and backend == "elastix" and parameter_maps is None:
+        # the other engine as the last resort; the transform records which one it is
+        fallback = register_disc(moving_mask, atlas_mask, out_dir / "ants", backend="ants",
+                                 min_dice=min_dice)
+        if fallback[1].passed:
+            return fallback
     return result
 
 
