@@ -53,17 +53,7 @@ class SegmentSpine(SimpleInterface):
         seg.dseg_img.to_filename(cwd / "dseg.nii.gz")
         pd.DataFrame(label_table(seg.levels), columns=["index", "name", "abbreviation"]).to_csv(
             cwd / "dseg.tsv", sep="\t", index=False)
-        probs = seg.probseg_img.get_fdata(dtype="float32")
-        files, classes = [], []
-        for k, name in enumerate(seg.classes):
-            if name == "background":
-                continue
-            path = cwd / f"probseg_{name}.nii.gz"
-            prob = nib.Nifti1Image(probs[..., k], seg.probseg_img.affine)
-            prob.header.set_xyzt_units("mm")
-            prob.to_filename(path)
-            files.append(str(path))
-            classes.append(name)
+        files, classes = _write_probsegs(seg.probseg_img, seg.classes, cwd)
         self._results.update(
             out_dseg=str(cwd / "dseg.nii.gz"), out_labels=str(cwd / "dseg.tsv"),
             out_probseg=files, classes=classes,
@@ -71,6 +61,20 @@ class SegmentSpine(SimpleInterface):
                 "LevelsConfident": bool(seg.confident)},
         )
         return runtime
+
+
+def _write_probsegs(probseg: nib.Nifti1Image, classes: tuple[str, ...], cwd: Path
+                    ) -> tuple[list[str], list[str]]:
+    """One 3-D probability file per class but the first (background); (files, classes)."""
+    probs = probseg.get_fdata(dtype="float32")
+    files = []
+    for k, name in enumerate(classes[1:], start=1):
+        path = cwd / f"probseg_{name}.nii.gz"
+        prob = nib.Nifti1Image(probs[..., k], probseg.affine)
+        prob.header.set_xyzt_units("mm")
+        prob.to_filename(path)
+        files.append(str(path))
+    return files, list(classes[1:])
 
 
 class _RegionStatisticsInputSpec(BaseInterfaceInputSpec):
@@ -136,17 +140,10 @@ class SegmentEndplates(SimpleInterface):
         seg.dseg_img.header.set_xyzt_units("mm")
         seg.dseg_img.to_filename(cwd / "dseg.nii.gz")
         pd.DataFrame(endplate_table()).to_csv(cwd / "dseg.tsv", sep="\t", index=False)
-        probs = seg.probseg_img.get_fdata(dtype="float32")
-        files = []
-        for k, name in enumerate(seg.classes[1:], start=1):
-            path = cwd / f"probseg_{name}.nii.gz"
-            prob = nib.Nifti1Image(probs[..., k], seg.probseg_img.affine)
-            prob.header.set_xyzt_units("mm")
-            prob.to_filename(path)
-            files.append(str(path))
+        files, classes = _write_probsegs(seg.probseg_img, seg.classes, cwd)
         self._results.update(
             out_dseg=str(cwd / "dseg.nii.gz"), out_labels=str(cwd / "dseg.tsv"),
-            out_probseg=files, classes=list(seg.classes[1:]),
+            out_probseg=files, classes=classes,
             qc={"CropStart": list(seg.box.start), "CropStop": list(seg.box.stop),
                 "Cutoffs": seg.cutoffs, "VoxelsFound": seg.found, "Flags": list(seg.flags)},
         )

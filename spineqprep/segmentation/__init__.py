@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import nibabel as nib
-import numpy as np
 
-from spineqprep.segmentation.infer import predict_probabilities, sagittal_axis
+from spineqprep.segmentation.infer import predict_probabilities, sagittal_axis, spatial_image
 from spineqprep.segmentation.postprocess import CLASSES, SpineLabels, label_spine, label_table
 
 
@@ -33,13 +32,6 @@ class SpineSegmentation:
     flags: list[str] = field(default_factory=list)
     confident: bool = True
     classes: tuple[str, ...] = CLASSES
-
-
-def _spatial_image(data: np.ndarray, img: nib.Nifti1Image) -> nib.Nifti1Image:
-    """``data`` on the grid of ``img`` (its affine and spatial zooms, no intensity scaling)."""
-    out = nib.Nifti1Image(data, img.affine)
-    out.header.set_xyzt_units(*img.header.get_xyzt_units())
-    return out
 
 
 def segment_spine(img: nib.Nifti1Image, *,
@@ -63,8 +55,8 @@ def segment_spine(img: nib.Nifti1Image, *,
                                       min_volume_mm3=min_volume_mm3,
                                       slice_axis=sagittal_axis(img.affine))
     return SpineSegmentation(
-        dseg_img=_spatial_image(labels.dseg, img),
-        probseg_img=_spatial_image(probs, img),
+        dseg_img=spatial_image(labels.dseg, img),
+        probseg_img=spatial_image(probs, img),
         levels=labels.levels, flags=labels.flags, confident=labels.confident, classes=classes)
 
 

@@ -28,7 +28,7 @@ from scipy import ndimage
 
 from spineqprep.errors import InputError
 from spineqprep.segmentation import model_io, trainset
-from spineqprep.segmentation.infer import predict_probabilities
+from spineqprep.segmentation.infer import predict_probabilities, spatial_image
 from spineqprep.segmentation.localise import CropBox, crop, l5_crop_box
 from spineqprep.segmentation.network import build_network, count_parameters
 from spineqprep.synth import labels as lab
@@ -257,7 +257,7 @@ def segment_endplates(ute: nib.Nifti1Image, spine_dseg: nib.Nifti1Image, *,
     except InputError as err:  # no L5 on the locating image: flagged, the maps go on
         box = CropBox((0, 0, 0), (0, 0, 0), (np.nan,) * 3)
         return EndplateSegmentation(
-            _on_grid(np.zeros(shape, np.uint16), ute), _on_grid(probs, ute), box,
+            spatial_image(np.zeros(shape, np.uint16), ute), spatial_image(probs, ute), box,
             dict.fromkeys(classes[1:], 0), {k: float(v) for k, v in cut.items()},
             [f"endplates not segmented: {str(err).splitlines()[0]}"], classes)
     cropped = crop(ute, box)
@@ -267,7 +267,7 @@ def segment_endplates(ute: nib.Nifti1Image, spine_dseg: nib.Nifti1Image, *,
     zooms = np.linalg.norm(np.asarray(ute.affine)[:3, :3], axis=0)
     dseg, flags = label_endplates(probs, zooms, classes, cut)
     found = {name: int(np.count_nonzero(dseg == DSEG_LABELS[name])) for name in classes[1:]}
-    return EndplateSegmentation(_on_grid(dseg, ute), _on_grid(probs, ute), box, found,
+    return EndplateSegmentation(spatial_image(dseg, ute), spatial_image(probs, ute), box, found,
                                 {k: float(v) for k, v in cut.items()}, [*box.flags, *flags],
                                 classes)
 
@@ -289,12 +289,6 @@ def endplate_table() -> list[dict[str, Any]]:
     return [{"index": DSEG_LABELS[c], "name": f"{c.split('_')[1]} cartilage endplate of disc "
              f"{c[:2]}-{c[2:4]}", "abbreviation": c.replace("_superior", "sup").replace(
                  "_inferior", "inf")} for c in CLASSES[1:]]
-
-
-def _on_grid(data: np.ndarray, img: nib.Nifti1Image) -> nib.Nifti1Image:
-    out = nib.Nifti1Image(data, img.affine)
-    out.header.set_xyzt_units(*img.header.get_xyzt_units())
-    return out
 
 
 __all__ = ["CLASSES", "DEFAULT_CUTOFFS", "DSEG_LABELS", "EndplateSegmentation",

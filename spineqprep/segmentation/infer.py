@@ -157,6 +157,13 @@ def predict_probabilities(img: nib.Nifti1Image, model: Any, meta: Mapping[str, A
     return np.ascontiguousarray(out / np.where(total > 0, total, 1.0), dtype=np.float32)
 
 
+def spatial_image(data: np.ndarray, img: nib.Nifti1Image) -> nib.Nifti1Image:
+    """``data`` on the grid of ``img`` (its affine and spatial units, no intensity scaling)."""
+    out = nib.Nifti1Image(data, img.affine)
+    out.header.set_xyzt_units(*img.header.get_xyzt_units())
+    return out
+
+
 def _native(n_native: int, n_resampled: int) -> np.ndarray:
     """Coordinates in the resampled axis of the native pixel centres (inverse of
     :func:`_resample_coords`)."""
