@@ -64,6 +64,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     NIPYPE_NO_ET=1 \
     NO_ET=1 \
     DENO_DIR=/tmp/.deno \
+    NUMBA_CACHE_DIR=/tmp/.numba \
     DENO_NO_UPDATE_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1

@@ -9,8 +9,8 @@ Usage: python benchmarks/bench_stats.py [--nilearn-perms N] [--nprocs N] [--quic
 2. TFCE: 30 subjects x 20,000 voxels (40 x 25 x 20 grid) x 1,000 permutations, both with TFCE
    (E 0.5, H 2, 100 steps, 6-connectivity), nilearn again on fewer permutations, scaled.
 
-Both use ``--nprocs`` cores (nilearn: ``n_jobs``; spineqprep: BLAS threads; TFCE labelling is
-single-threaded). The two must give the same observed t (and TFCE) maps. Printed: wall
+Both use ``--nprocs`` cores (nilearn: ``n_jobs``; spineqprep: BLAS threads and, for TFCE, the
+compiled kernel's threads). The two must give the same observed t (and TFCE) maps. Printed: wall
 seconds (nilearn's scaled) and the ratio nilearn / spineqprep; with ``--nprocs 1`` also CPU
 seconds, which a loaded machine distorts less. The load average is printed at the start and
 the end.

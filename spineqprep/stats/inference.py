@@ -11,8 +11,11 @@ the refit needs only ``T(x_r)' R`` and ``T(Q)' R``: a batch of B transforms is o
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 from scipy import stats
 from threadpoolctl import threadpool_limits
@@ -102,6 +105,17 @@ class PermutationResult:
         return float((1 + (h0 >= size).sum()) / (1 + h0.size))
 
 
+@contextmanager
+def _numba_threads(n_procs: int) -> Iterator[None]:
+    """Run the compiled TFCE kernel on at most ``n_procs`` threads."""
+    previous = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(n_procs, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
+
+
 def _residualise(q: np.ndarray, a: np.ndarray) -> np.ndarray:
     return a - q @ (q.T @ a) if q.shape[1] else a.copy()
 
@@ -133,7 +147,7 @@ def freedman_lane(x: np.ndarray, z: np.ndarray, data: np.ndarray, transforms: Tr
     dof = n - q.shape[1] - 1
     ss = (resid ** 2).sum(axis=0)
     identity = Transforms(order=np.arange(n)[None], signs=np.ones((1, n)))
-    with threadpool_limits(limits=max(n_procs, 1)):
+    with threadpool_limits(limits=max(n_procs, 1)), _numba_threads(n_procs):
         t_obs = _t_batch(identity, slice(0, 1), xr, q, resid, ss, dof)[0]
         obs_score = np.abs(t_obs) if two_sided else t_obs
         per_t = n_vox * (1 + q.shape[1]) + (n * n_vox if xr.shape[1] > 1 else 0)

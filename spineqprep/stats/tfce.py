@@ -10,9 +10,9 @@ separately for two-sided tests (the negative ones keep their sign).
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from scipy import ndimage, sparse
-from scipy.sparse import csgraph
 
 #: published TFCE defaults for 3D images (Smith & Nichols 2009).
 TFCE_E = 0.5
@@ -54,121 +54,118 @@ def tfce_batch(stat: np.ndarray, mask3d: np.ndarray, *, two_sided: bool = True,
                edges: np.ndarray | None = None) -> np.ndarray:
     """TFCE of each row of ``stat`` (B maps x V in-mask voxels, in ``mask3d``'s C order).
 
-    Each voxel's level is the number of height steps it survives; :func:`_tfce_levels` sweeps
-    all B maps at once (one union-find pass from the top height down, per sign), so the cost is
-    one pass over the voxels and face pairs, not one labelling of the volume per height.
+    The compiled :func:`_tfce_maps` sweeps each map once from the top height down (one
+    union-find pass per map and sign, maps in parallel), so the cost is one pass over the
+    voxels and face pairs, not one labelling of the volume per height.
     """
     stat = np.nan_to_num(np.atleast_2d(np.asarray(stat, dtype=float)))
-    n_maps, n_vox = stat.shape
+    n_vox = stat.shape[1]
     pairs = face_edges(mask3d) if edges is None else edges
     top = np.abs(stat).max(axis=1) if two_sided else stat.max(axis=1)
     heights = np.maximum(top, 0.0)[:, None] * (np.arange(1, n_steps + 1) / n_steps)[None]
-    offsets = (np.arange(n_maps) * n_vox)[:, None]
-    ends = np.stack([(pairs[:, 0][None] + offsets).ravel(),
-                     (pairs[:, 1][None] + offsets).ravel()], axis=1)
-    out = np.zeros(n_maps * n_vox)
-    for sign in (1.0, -1.0) if two_sided else (1.0,):
-        out += sign * _tfce_levels(_levels(stat * sign, heights), ends, heights, e, h)
-    return out.reshape(n_maps, n_vox)
+    ends = np.concatenate([pairs, pairs[:, ::-1]])
+    adjacency = sparse.csr_matrix((np.ones(len(ends), dtype=np.int8), (ends[:, 0], ends[:, 1])),
+                                  shape=(n_vox, n_vox))
+    return _tfce_maps(stat, heights, adjacency.indptr.astype(np.int64),
+                      adjacency.indices.astype(np.int64), float(e), float(h), two_sided)
 
 
-def _levels(signed: np.ndarray, heights: np.ndarray) -> np.ndarray:
-    """Per voxel, how many of its map's heights it reaches (``searchsorted(..., "right")``):
-    the rounded ratio to the top height, corrected by one step where rounding erred."""
-    n_steps = heights.shape[1]
-    top = heights[:, -1:]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(top > 0, signed / top * n_steps, 0.0)
-    level = np.clip(np.floor(ratio), 0, n_steps).astype(np.int64)
-    padded = np.concatenate([heights, np.full((heights.shape[0], 1), np.inf)], axis=1)
-    rows = np.arange(heights.shape[0])[:, None]
-    level += padded[rows, level] <= signed
-    level -= (level > 0) & (padded[rows, np.maximum(level - 1, 0)] > signed)
-    level[top[:, 0] <= 0] = 0
-    return level
+@numba.njit(cache=True)
+def _level(value: float, heights: np.ndarray) -> int:  # pragma: no cover (compiled)
+    """How many of ``heights`` (ascending, equally spaced from top/n) ``value`` reaches."""
+    n_steps = heights.size
+    top = heights[n_steps - 1]
+    if top <= 0.0 or value < heights[0]:
+        return 0
+    lev = min(int(value / top * n_steps), n_steps)  # rounding may err by one step
+    while lev < n_steps and heights[lev] <= value:
+        lev += 1
+    while lev > 0 and heights[lev - 1] > value:
+        lev -= 1
+    return lev
 
 
-def _tfce_levels(level: np.ndarray, ends: np.ndarray, heights: np.ndarray, e: float,
-                 h: float) -> np.ndarray:
-    """Unsigned TFCE of voxels given the number of steps each survives (``level``, B x V).
+@numba.njit(cache=True)
+def _root(link: np.ndarray, v: int) -> int:  # pragma: no cover (compiled)
+    """Root of ``v`` in the union-find forest ``link``, halving the path on the way."""
+    while link[v] != v:
+        link[v] = link[link[v]]
+        v = link[v]
+    return v
 
-    Kruskal-style, from the top step down: each step adds the voxels and face pairs of that
-    level and merges the components they touch (union-find; the few touched components are
-    grouped by one small sparse labelling). Every root gathers extent**e * height**h at each
-    step; a voxel's TFCE is the sum of ``gathered`` along its path to the root (pointer
-    jumping), see :func:`_merge`. Cost: each voxel and pair once, plus the current components
-    at each step.
+
+@numba.njit(parallel=True, cache=True)
+def _tfce_maps(stat: np.ndarray, heights: np.ndarray, indptr: np.ndarray, indices: np.ndarray,
+               e: float, h: float, two_sided: bool) -> np.ndarray:  # pragma: no cover
+    """TFCE (B x V) of each map's positive (and, two-sided, negative) clusters.
+
+    Per map and sign, from the top step down: the voxels of that step join the forest, each
+    merges with its face neighbours already in (union by size), and every root gathers
+    extent**e * height**h. A root that joins another drops what the other had gathered so
+    far, so a voxel's TFCE is the sum of ``gathered`` along its path to the root in
+    ``parent`` (the merge tree); ``link`` is the same forest with compressed paths.
     """
-    n_vox = level.shape[1]
-    node_level = level.ravel()
-    n_nodes = node_level.size
-    edge_level = np.minimum(node_level[ends[:, 0]], node_level[ends[:, 1]])
+    n_maps, n_vox = stat.shape
     n_steps = heights.shape[1]
-    dtype = np.uint8 if n_steps < 256 else np.uint16
-    node_order = np.argsort(node_level.astype(dtype), kind="stable")
-    edge_order = np.argsort(edge_level.astype(dtype), kind="stable")
-    node_bounds = np.searchsorted(node_level[node_order], np.arange(n_steps + 2))
-    edge_bounds = np.searchsorted(edge_level[edge_order], np.arange(n_steps + 2))
-    parent = np.arange(n_nodes)  # the component tree (for the path sums)
-    link = np.arange(n_nodes)  # the same forest with compressed paths (to find roots)
-    size = np.ones(n_nodes)
-    gathered = np.zeros(n_nodes)
-    owner = np.arange(n_nodes) // n_vox
-    roots = np.zeros(0, dtype=np.int64)
-    for step in range(n_steps, 0, -1):
-        new_nodes = node_order[node_bounds[step]:node_bounds[step + 1]]
-        new_pairs = ends[edge_order[edge_bounds[step]:edge_bounds[step + 1]]]
-        if new_pairs.size:
-            a, b = _find(link, new_pairs.ravel()).reshape(-1, 2).T
-            apart = a != b
-            if apart.any():
-                _merge(a[apart], b[apart], parent, link, size, gathered)
-        candidates = np.concatenate([roots, new_nodes])
-        roots = candidates[parent[candidates] == candidates]
-        gathered[roots] += size[roots] ** e * heights[owner[roots], step - 1] ** h
-    # path sums to the root: value(c) = gathered(c) + value(parent(c)), by pointer jumping
-    sentinel = n_nodes
-    up = np.append(parent, sentinel)
-    up[:n_nodes][parent == np.arange(n_nodes)] = sentinel
-    value = np.append(gathered, 0.0)
-    while (up[:n_nodes] != sentinel).any():
-        value, up = value + value[up], up[up]
-    return value[:n_nodes]
-
-
-def _merge(a: np.ndarray, b: np.ndarray, parent: np.ndarray, link: np.ndarray,
-           size: np.ndarray, gathered: np.ndarray) -> None:
-    """Join the roots paired in ``a``/``b``: each group under its largest root (union by
-    size). A joining root's ``gathered`` drops what its new parent had gathered so far, so the
-    path sum from it counts the parent's contributions from this step on only."""
-    ids, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
-    graph = sparse.csr_matrix(
-        (np.ones(a.size, dtype=np.int8), (inverse[:a.size], inverse[a.size:])),
-        shape=(ids.size, ids.size))
-    n_groups, group = csgraph.connected_components(graph, directed=False)
-    order = np.lexsort((-size[ids], group))
-    first = np.ones(ids.size, dtype=bool)
-    first[1:] = group[order][1:] != group[order][:-1]
-    head = np.empty(n_groups, dtype=np.int64)
-    head[group[order][first]] = ids[order][first]
-    totals = np.bincount(group, weights=size[ids], minlength=n_groups)
-    target = head[group]
-    joining = ids != target
-    gathered[ids[joining]] -= gathered[target[joining]]
-    parent[ids[joining]] = target[joining]
-    link[ids[joining]] = target[joining]
-    size[head] = totals
-
-
-def _find(link: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """Roots of ``items`` in the union-find forest ``link`` (compressing their paths)."""
-    root = link[items]
-    todo = np.flatnonzero(link[root] != root)
-    while todo.size:
-        root[todo] = link[root[todo]]
-        todo = todo[link[root[todo]] != root[todo]]
-    link[items] = root
-    return root
+    out = np.zeros((n_maps, n_vox))
+    for m in numba.prange(n_maps):
+        weight = heights[m] ** h
+        for side in range(2 if two_sided else 1):
+            sign = 1.0 - 2.0 * side
+            lev = np.empty(n_vox, dtype=np.int64)
+            start = np.zeros(n_steps + 2, dtype=np.int64)  # counting sort, highest first
+            for v in range(n_vox):
+                lev[v] = _level(sign * stat[m, v], heights[m])
+                start[n_steps - lev[v] + 1] += 1
+            for k in range(1, n_steps + 2):
+                start[k] += start[k - 1]
+            order = np.empty(n_vox, dtype=np.int64)
+            fill = start.copy()
+            for v in range(n_vox):
+                order[fill[n_steps - lev[v]]] = v
+                fill[n_steps - lev[v]] += 1
+            parent = np.arange(n_vox)
+            link = np.arange(n_vox)
+            size = np.ones(n_vox)
+            gathered = np.zeros(n_vox)
+            roots = np.empty(n_vox, dtype=np.int64)
+            n_roots = 0
+            for step in range(n_steps, 0, -1):
+                first, stop = start[n_steps - step], start[n_steps - step + 1]
+                for k in range(first, stop):
+                    roots[n_roots] = order[k]
+                    n_roots += 1
+                for k in range(first, stop):
+                    v = order[k]
+                    for j in range(indptr[v], indptr[v + 1]):
+                        u = indices[j]
+                        if lev[u] < step:
+                            continue
+                        a, b = _root(link, v), _root(link, u)
+                        if a == b:
+                            continue
+                        if size[a] > size[b]:
+                            a, b = b, a
+                        parent[a] = b
+                        link[a] = b
+                        size[b] += size[a]
+                        gathered[a] -= gathered[b]
+                kept = 0
+                for k in range(n_roots):
+                    r = roots[k]
+                    if parent[r] == r:
+                        gathered[r] += size[r] ** e * weight[step - 1]
+                        roots[kept] = r
+                        kept += 1
+                n_roots = kept
+            for k in range(start[n_steps]):
+                v = order[k]
+                total = gathered[v]
+                while parent[v] != v:
+                    v = parent[v]
+                    total += gathered[v]
+                out[m, order[k]] += sign * total
+    return out
 
 
 def max_cluster_size(stat: np.ndarray, mask3d: np.ndarray, threshold: float, *,
