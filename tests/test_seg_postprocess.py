@@ -147,6 +147,43 @@ def test_off_spine_blob_removed_and_flagged_small_one_dropped(truth):
     assert res.confident  # a removed stray component is a note, not a doubt on the levels
 
 
+@pytest.mark.parametrize("case", ["body_touches_sacrum", "sacrum_fragment",
+                                  "split_sacrum_and_fragments"])
+def test_l5s1_kept_on_coarse_mapping_grids(truth, case):
+    """Seen on 3-3.5 mm grids: the L5 body touching the sacrum as closely as the L5S1 disc
+    (through the disc's rim), a piece of sacrum classed as body beside it, or a sacrum split
+    in halves by thick slices with a bit of L5 classed as sacrum, must not start the column
+    one level off or drop the L5S1 disc."""
+    img = nib.load(next(p for p in _dsegs(truth) if "acq-mese" in p.name))
+    d = np.asarray(img.dataobj).astype(int)
+    xyz = nib.affines.apply_affine(img.affine, np.indices(d.shape).reshape(3, -1).T
+                                   ).reshape(*d.shape, 3)
+    broken = d.copy()
+    if case == "body_touches_sacrum":  # the disc's anterior rim read as L5 body
+        rim = (d == 124) & (xyz[..., 1] >= np.quantile(xyz[d == 124][:, 1], 0.8))
+        broken[rim] = 24
+    else:  # the sacrum's most lateral voxels above its centroid read as a vertebral body
+        sacrum = d == 26
+        if case == "split_sacrum_and_fragments":
+            mid = np.abs(xyz[..., 0] - xyz[sacrum][:, 0].mean()) < 0.6 * np.linalg.norm(
+                img.affine[:3, :3], axis=0).max()
+            broken[sacrum & mid] = 0
+            l5 = d == 24  # and L5's most lateral tenth read as sacrum
+            broken[l5 & (xyz[..., 0] >= np.quantile(xyz[l5][:, 0], 0.9))] = 26
+        centre = xyz[sacrum].mean(0)
+        lateral = np.abs(xyz[..., 0] - centre[0])
+        upper = sacrum & (xyz[..., 2] > centre[2])
+        voxel_mm3 = abs(np.linalg.det(img.affine[:3, :3]))
+        n = int(np.ceil(1000 / voxel_mm3))
+        broken[upper & (lateral >= np.sort(lateral[upper])[-n])] = 24
+    res = label_spine(perturbed_probs(broken, np.random.default_rng(5), noise=0.5), img.affine)
+    assert (res.dseg[d == 124] == 124).mean() > 0.5, res.flags
+    assert not any("sacrum component" in f for f in res.flags), res.flags
+    for label in (24, 23, 123, 22):
+        assert wrong_levels(np.where(d == label, res.dseg, 0), np.where(d == label, d, 0)) \
+            == {}, (case, label, res.flags)
+
+
 def test_min_volume_is_in_mm3_whatever_the_voxel_size():
     for voxel in (0.5, 1.0, 2.0):
         affine = np.diag([voxel, voxel, voxel, 1.0])

@@ -236,17 +236,16 @@ def label_spine(probs: np.ndarray, affine: np.ndarray, *, classes: Sequence[str]
     min_volume = {**DEFAULT_MIN_VOLUME_MM3, **(min_volume_mm3 or {})}
     comps = _components(class_map(probs, classes, cutoffs), affine, classes, min_volume, inplane)
     flags: list[str] = []
-    sacra = sorted((c for c in comps if c.cls == SACRUM), key=lambda c: -len(c.points))
-    others = [c for c in comps if c.cls != SACRUM]
+    sacra, others = _sacrum_pieces(comps, affine)
     anchored = bool(sacra)
     if not others:
         return SpineLabels(np.zeros(shape, np.uint16), {"S1": SACRUM_LABEL} if anchored else {},
                            ["no vertebral body or disc found"], False)
     up = np.array([0.0, 0.0, 1.0])
-    if anchored:  # the first step: the component touching the sacrum most closely (L5S1)
+    if anchored:  # the first step: normally the L5S1 disc, see _first_step
         sacra = _anchor_first(sacra, others, up)
         start = sacra[0].centroid
-        first = int(np.argmin([_gap(sacra[0], c) for c in others]))
+        first = _first_step(sacra[0], others, up)
     else:
         flags.append("no sacrum in the field of view: vertebral levels left unlabelled "
                      "(generic indices)")
@@ -254,7 +253,10 @@ def label_spine(probs: np.ndarray, affine: np.ndarray, *, classes: Sequence[str]
         start = others[first].centroid - 5.0 * up
     order = _chain(start, up, others, first)
     chain = [others[i] for i in order]
-    off = len(others) - len(chain)
+    # small sacrum-class pieces besides the anchor are misread bits of bone, not a sacrum
+    stray = [c for c in sacra[1:] if len(c.points) < SACRUM_FRAGMENT * len(sacra[0].points)]
+    sacra = [c for c in sacra if all(c is not x for x in stray)]
+    off = len(others) - len(chain) + len(stray)
     if off:
         flags.append(f"{off} component(s) off the spinal column removed")
     _assign_levels(chain, sacra[0] if anchored else None, start, affine, shape, flags)
@@ -266,17 +268,73 @@ def label_spine(probs: np.ndarray, affine: np.ndarray, *, classes: Sequence[str]
     return _write(chain, sacra if anchored else [], anchored, shape, flags)
 
 
+def _merge(parts: list[_Component], cls: str) -> _Component:
+    voxels = np.concatenate([c.voxels for c in parts])
+    points = np.concatenate([c.points for c in parts])
+    return _Component(cls, voxels, points, points.mean(0), any(c.touches_border for c in parts))
+
+
+#: a vertebral body under this fraction of the median body volume that touches the sacrum is
+#: a piece of the sacrum (an L5 body is never that small unless the field of view cuts it)
+SACRUM_FRAGMENT = 0.25
+
+
+def _sacrum_pieces(comps: list[_Component], affine: np.ndarray
+                   ) -> tuple[list[_Component], list[_Component]]:
+    """(sacrum components, largest first; the other components). Touching sacrum components
+    are one sacrum (thick sagittal slices split it in halves), and a small "vertebral body"
+    touching the sacrum joins it: on coarse grids either one made the column start one level
+    off."""
+    touch = float(np.linalg.norm(np.linalg.norm(affine[:3, :3], axis=0)))  # voxel diagonal
+    sacra = [c for c in comps if c.cls == SACRUM]
+    others = [c for c in comps if c.cls != SACRUM]
+    volumes = [len(c.points) for c in others if c.cls == BODY and not c.touches_border]
+    small = SACRUM_FRAGMENT * float(np.median(volumes)) if volumes else 0.0
+    pieces = [c for c in others if c.cls == BODY and len(c.points) < small
+              and any(_gap(c, s) <= touch for s in sacra)]
+    others = [c for c in others if all(c is not p for p in pieces)]
+    groups: list[list[_Component]] = []
+    for c in sorted(sacra + pieces, key=lambda c: c.cls != SACRUM):  # sacrum parts first
+        near = [g for g in groups if any(_gap(c, m) <= touch for m in g)]
+        merged = [c] + [m for g in near for m in g]
+        groups = [g for g in groups if all(g is not n for n in near)] + [merged]
+    joined = [_merge(g, SACRUM) if len(g) > 1 else g[0] for g in groups
+              if any(m.cls == SACRUM for m in g)]
+    return sorted(joined, key=lambda c: -len(c.points)), others
+
+
 def _anchor_first(sacra: list[_Component], others: list[_Component], up: np.ndarray
                   ) -> list[_Component]:
     """The sacrum components with the anchor first: of the three largest, the one whose chain
     upwards takes in the most bodies and discs (then the most inferior), so that a spurious
     "sacrum" higher up the column (seen on real images) cannot cut the column in two."""
     def score(i: int) -> tuple[int, float]:
-        first = int(np.argmin([_gap(sacra[i], c) for c in others]))
+        first = _first_step(sacra[i], others, up)
         return len(_chain(sacra[i].centroid, up, others, first)), -float(sacra[i].centroid @ up)
 
     best = max(range(min(3, len(sacra))), key=score)
     return [sacra[best], *sacra[:best], *sacra[best + 1:]]
+
+
+#: components this far (mm) beyond the one nearest the sacrum may still be the column's first
+FIRST_STEP_MM = 15.0
+
+
+def _first_step(sacrum: _Component, others: list[_Component], up: np.ndarray) -> int:
+    """The component the column starts from above the sacrum: of those near it (within
+    FIRST_STEP_MM of the nearest) and above its centroid, the one whose chain takes in the most
+    components, then the nearer centroid. The nearest alone fails on coarse grids, where the
+    L5S1 disc and the L5 body both touch the sacrum (the body first drops the disc below it)
+    and a sacrum fragment classed as body can touch it closest."""
+    gaps = np.array([_gap(sacrum, c) for c in others])
+    near = [i for i, c in enumerate(others) if gaps[i] <= gaps.min() + FIRST_STEP_MM
+            and (c.centroid - sacrum.centroid) @ up > 0] or [int(np.argmin(gaps))]
+
+    def score(i: int) -> tuple[int, float]:
+        return (len(_chain(sacrum.centroid, up, others, i)),
+                -float(np.linalg.norm(others[i].centroid - sacrum.centroid)))
+
+    return max(near, key=score)
 
 
 #: a flag ending so is a note: those components took no part in the labelling
