@@ -136,14 +136,14 @@ def test_null_family_wise_error_rate_is_at_most_five_percent() -> None:
     assert naive_hits > hits
 
 
-def _tfce_reference(stat: np.ndarray, e: float = 0.5, h: float = 2.0, steps: int = 100
-                    ) -> np.ndarray:
+def _tfce_reference(stat: np.ndarray, e: float = 0.5, h: float = 2.0, steps: int = 100,
+                    two_sided: bool = True) -> np.ndarray:
     """The definition, voxel by voxel and step by step (fslmaths/nilearn conventions)."""
     out = np.zeros_like(stat)
-    top = np.abs(stat).max()
-    for sign in (1, -1):
+    top = np.abs(stat).max() if two_sided else stat.max()
+    for sign in (1, -1) if two_sided else (1,):
         for k in range(1, steps + 1):
-            height = top * k / steps
+            height = top * (k / steps)  # the top step is exactly the maximum
             labels, _ = ndimage.label(sign * stat >= height,
                                       ndimage.generate_binary_structure(3, 1))
             for index in np.ndindex(stat.shape):
@@ -163,6 +163,10 @@ def test_tfce_matches_the_definition_and_nilearn() -> None:
     for b in range(3):
         ref = _tfce_reference(maps[b])
         np.testing.assert_allclose(ours[b], ref[mask], rtol=1e-9, atol=1e-9)
+    one_sided = tfce_batch(maps[:, mask], mask, two_sided=False, e=0.6, h=1.5, n_steps=40)
+    for b in range(3):
+        ref = _tfce_reference(maps[b], e=0.6, h=1.5, steps=40, two_sided=False)
+        np.testing.assert_allclose(one_sided[b], ref[mask], rtol=1e-9, atol=1e-9)
     calculate_tfce = pytest.importorskip("nilearn.mass_univariate._utils").calculate_tfce
     big = np.stack([ndimage.gaussian_filter(rng.normal(size=(14, 12, 8)), 1.2) * 5
                     for _ in range(2)])
