@@ -1,7 +1,8 @@
 """Disc registration on coarse clinical grids: every disc of a synthetic dataset, by outcome.
 
 Usage: python benchmarks/bench_registration_coarse.py [--data DIR] [--masks truth predicted]
-       [--seed 1 --subjects 4 --sites 2 --sessions 2 --size small] [--elastix-only] [--tsv OUT]
+       [--seed 1 --subjects 4 --sites 2 --sessions 2 --size small] [--elastix-only]
+       [--params AFFINE BSPLINE] [--maps] [--tsv OUT]
 
 Default: the README demo dataset (``spineqprep-synth --subjects 4 --sites 2 --sessions 2
 --seed 1 --size small``: mapping grids of 3.1-3.4 mm pixels and 4-5 mm slices). Every disc
@@ -151,6 +152,8 @@ def main() -> None:
                         help="also warp and fit every series: pattern r, histogram distance")
     parser.add_argument("--elastix-only", action="store_true",
                         help="no ANTs fallback (packaged elastix files passed explicitly)")
+    parser.add_argument("--params", nargs="+", type=Path,
+                        help="elastix parameter files instead of the packaged ones (no fallback)")
     parser.add_argument("--tsv", type=Path, help="write the per-disc rows here")
     args = parser.parse_args()
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
@@ -162,7 +165,7 @@ def main() -> None:
         people = {p.label: p for p in sample_cohort(args.subjects, args.sites, args.sessions,
                                                     args.seed)}
         atlas, labels = load_atlas(), disc_labels()
-        maps = default_parameter_files() if args.elastix_only else None
+        maps = args.params or (default_parameter_files() if args.elastix_only else None)
         rows = []
         for (subject, session, acq), series in grids(bids, list(synth.participants)).items():
             person = people[subject]
