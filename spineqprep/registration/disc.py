@@ -1,9 +1,10 @@
 """Disc-by-disc mask-guided registration to an atlas disc, behind one interface.
 
 METHODS.md section 1: each disc mask is registered to the same level's atlas disc (centroid
-translation, four-resolution affine, B-spline with mutual information and a rigidity penalty),
-then every image of that disc is warped with the resulting transform. Two backends share this
-interface: itk-elastix (the published method, default) and ANTsPy (Affine then SyN).
+translation, four-resolution affine, B-spline with a rigidity penalty; mean squares of the
+smoothed masks here, mutual information in the publication), then every image of that disc is
+warped with the resulting transform. Two backends share this interface: itk-elastix (the
+published method, default) and ANTsPy (Affine then SyN).
 
 Both backends work in physical space, so voxel size and orientation never matter: a 3D image is
 handed over in ITK's LPS world coordinates (so the elastix / ANTs transform files apply to the
