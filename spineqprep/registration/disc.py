@@ -1,9 +1,10 @@
 """Disc-by-disc mask-guided registration to an atlas disc, behind one interface.
 
 METHODS.md section 1: each disc mask is registered to the same level's atlas disc (centroid
-translation, four-resolution affine, B-spline with mutual information and a rigidity penalty),
-then every image of that disc is warped with the resulting transform. Two backends share this
-interface: itk-elastix (the published method, default) and ANTsPy (Affine then SyN).
+translation, four-resolution affine, B-spline with a rigidity penalty; mean squares of the
+smoothed masks here, mutual information in the publication), then every image of that disc is
+warped with the resulting transform. Two backends share this interface: itk-elastix (the
+published method, default) and ANTsPy (Affine then SyN).
 
 Both backends work in physical space, so voxel size and orientation never matter: a 3D image is
 handed over in ITK's LPS world coordinates (so the elastix / ANTs transform files apply to the
@@ -28,13 +29,17 @@ BACKENDS = ("elastix", "ants")
 INTERPOLATIONS = ("linear", "nearest", "bspline")
 # the widest angle between a slice and the atlas slice that still counts as the same plane
 MAX_PLANE_ANGLE_DEG = 30.0
-# Gaussian smoothing (mm) of the binary masks before registration: the smoothed, rescaled
-# masks give the similarity metric a gradient (binary masks let the rigidity term swamp it)
+# Gaussian smoothing of the binary masks before registration: the smoothed, rescaled masks give
+# the similarity metric a gradient (binary masks let the rigidity term swamp it). Sigma per axis
+# is MASK_SIGMA_MM or MASK_SIGMA_VOXELS native voxels, whichever is wider: on a coarse grid
+# (3-5 mm voxels) 1 mm leaves the voxel staircase, which the B-spline then fits
 MASK_SIGMA_MM = 1.0
+MASK_SIGMA_VOXELS = 0.5
 MASK_SCALE = 1.0
-# registration runs on a bounded region around each disc (margin, mm) resampled to a grid no
-# finer than REGISTRATION_SPACING_MM: the rigidity penalty's cost grows with the number of
-# B-spline control points, so this keeps a 3D disc within seconds (docs/registration.md)
+# registration runs on a bounded region around each disc (margin, mm) resampled to
+# REGISTRATION_SPACING_MM: no finer, because the rigidity penalty's cost grows with the number
+# of B-spline control points (a 3D disc within seconds, docs/registration.md); no coarser,
+# because a disc 3 native voxels tall vanishes in the coarse levels of the 4-level pyramid
 ROI_MARGIN_MM = 4.0
 REGISTRATION_SPACING_MM = 1.0
 
@@ -192,7 +197,7 @@ def to_grid(img: nib.Nifti1Image, atlas: nib.Nifti1Image, *, smooth: bool) -> Gr
         )
     if smooth:
         zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-        sigma = [0.0 if n == 1 else MASK_SIGMA_MM / z
+        sigma = [0.0 if n == 1 else max(MASK_SIGMA_MM / z, MASK_SIGMA_VOXELS)
                  for n, z in zip(data.shape, zooms, strict=True)]
         data = ndimage.gaussian_filter((data > 0.5).astype(np.float32), sigma, mode="constant")
         peak = float(data.max())
@@ -222,17 +227,16 @@ def region_of_interest(
     margin_mm: float = ROI_MARGIN_MM,
     spacing_mm: float = REGISTRATION_SPACING_MM,
 ) -> Grid:
-    """The part of a (smoothed) mask grid around the disc, resampled no finer than spacing_mm.
+    """The part of a (smoothed) mask grid around the disc, resampled to spacing_mm.
 
-    The box is the disc's bounding box (smoothed value > 1e-4 of its peak) grown by margin_mm;
-    each axis keeps its own spacing when that is already coarser than spacing_mm. Linear
-    interpolation.
+    The box is the disc's bounding box (smoothed value > 1e-4 of its peak) grown by margin_mm,
+    within the grid. Linear interpolation (finer grids are downsampled, coarser ones upsampled).
     """
     inside = np.argwhere(grid.data > 1e-4 * grid.data.max())
     pad = np.ceil(margin_mm / grid.spacing).astype(int)
     start = np.maximum(inside.min(axis=0) - pad, 0)
     stop = np.minimum(inside.max(axis=0) + pad, np.array(grid.data.shape) - 1)
-    spacing = np.maximum(grid.spacing, spacing_mm)
+    spacing = np.full(grid.spacing.shape, float(spacing_mm))
     size = np.floor((stop - start) * grid.spacing / spacing).astype(int) + 1
     axes = [start[a] + np.arange(size[a]) * spacing[a] / grid.spacing[a] for a in range(len(size))]
     coords = np.meshgrid(*axes, indexing="ij")

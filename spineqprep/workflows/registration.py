@@ -76,7 +76,7 @@ def init_disc_registration_wf(
 
 _BACKEND_TEXT = {
     "elastix": "itk-elastix (centroid translation, four-resolution affine, then B-spline "
-               "driven by mutual information with a rigidity penalty; METHODS: Iriondo et al. "
-               "2020)",
+               "with a rigidity penalty, driven by mean squares of the smoothed masks instead "
+               "of the published mutual information; METHODS: Iriondo et al. 2020)",
     "ants": "ANTsPy (affine, then SyN)",
 }
