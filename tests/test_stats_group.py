@@ -174,3 +174,26 @@ def test_bad_model_is_a_usage_error(tmp_path, capsys) -> None:
                  str(tmp_path / "w"), "--group-model", str(path)])
     assert code == 2
     assert "no column 'nosuch'" in capsys.readouterr().err
+
+
+def test_acquisitions_of_one_quantity_are_pooled(study, tmp_path) -> None:
+    """Sites run their own protocols: half the subjects' T1rho maps under another acq label
+    still enter one analysis (named without acq), each subject once, the acq recorded."""
+    out = tmp_path / "out"
+    shutil.copytree(study["out"], out, ignore=shutil.ignore_patterns("group"))
+    subjects = sorted(p.name for p in out.glob("sub-*") if p.is_dir())
+    for sub in subjects[::2]:
+        for path in (out / sub).rglob("*_acq-mapss_*"):
+            path.rename(path.with_name(path.name.replace("_acq-mapss_", "_acq-fse_")))
+    raw = study["root"] / "raw"
+    assert main([str(raw), str(out), "group", "-w", str(tmp_path / "w"), "--group-correlate",
+                 "odi", "--group-no-tfce", "--group-permutations", "50"]) == 0
+    stat = next((out / "group" / "corrodi").glob(
+        "corrodi_space-SpineDiscL4L5_desc-T1rho_contrast-odi_stat-t_statmap.json"))
+    sidecar = json.loads(stat.read_text())
+    assert sidecar["Acquisition"] == ["fse", "mapss"]
+    used = pd.read_csv(out / "group" / "corrodi" / "corrodi_subjects.tsv", sep="\t").query(
+        "used and level == 'L4L5' and map == 'T1rho'")
+    assert set(used["acq"]) == {"fse", "mapss"}
+    assert used["participant_id"].is_unique and len(used) == sidecar["NSubjects"]
+    assert sidecar["NSubjects"] >= 0.8 * len(subjects)

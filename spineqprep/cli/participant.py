@@ -259,7 +259,8 @@ class _Progress:
         LOG.info("[%d/%d] %s: %s", self.done, self.total, subject, f"{what} {result}".strip())
 
 
-_STEPS = {"fit": "fitted", "segment": "segmented", "commit_derivatives": "derivatives published"}
+_STEPS = {"fit": "fitted", "segment": "segmented", "register_discs": "registered to the atlas",
+          "commit_derivatives": "derivatives published"}
 
 
 def _crash_message(crashfile: Path) -> str:

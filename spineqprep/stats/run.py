@@ -1,7 +1,10 @@
 """Voxel-wise group analyses of the atlas-space maps: collect maps and variables, fit the GLM,
 correct, and write BIDS derivatives under ``<output_dir>/group/<analysis>/``.
 
-Every analysis runs per disc level and per map (suffix + acq). A subject enters an analysis if
+Every analysis runs per disc level and per map quantity (suffix), pooled over acquisitions:
+sites run their own protocols (acq), and site as a covariate or ComBat absorbs the protocol
+effect; a subject with several acquisitions of one quantity enters with the first (by name)
+only. A subject enters an analysis if
 its map passed registration QC and it has every variable of the model; the others are listed
 in ``<analysis>_subjects.tsv`` with the reason. Voxel values outside the map's inclusion range
 are missing; a voxel is analysed when at least ``MinSubjects`` subjects have a value there.
@@ -172,7 +175,8 @@ def _units(maps: list[AtlasMap], kind: str) -> tuple[pd.DataFrame, list[dict[str
             excluded.append({"participant_id": pid,
                              "reason": f"RegistrationQC failed: {failed[0].path.name}"})
             continue
-        rows.append({"participant_id": pid, "session_id": chosen[0].session_id,
+        rows.append({"participant_id": pid, "acq": chosen[0].acq,
+                     "session_id": chosen[0].session_id,
                      "session_last": chosen[-1].session_id, "path": chosen[0].path,
                      "path_last": chosen[-1].path})
     return pd.DataFrame(rows), excluded
@@ -300,23 +304,32 @@ def run_analyses(output_dir: Path, bids_dir: Path | None, model: GroupModel, *,
     atomic_write_json(to_bids_stats_model(model), root / f"model-{model.name}_smdl.json")
     for analysis in model.analyses:
         subject_rows: list[dict[str, Any]] = []
-        kinds = sorted({(m.level, m.suffix, m.acq or "") for m in maps})
-        for level, suffix, acq in kinds:
+        for level, suffix in sorted({(m.level, m.suffix) for m in maps}):
             if analysis.levels and level not in analysis.levels:
                 continue
             if analysis.maps and suffix not in analysis.maps:
                 continue
             if analysis.kind == "map" and f"map:{suffix}" in analysis.regressors:
                 continue
-            selected = [m for m in maps if (m.level, m.suffix, m.acq or "") ==
-                        (level, suffix, acq)]
+            selected = _one_acquisition_per_subject(
+                [m for m in maps if (m.level, m.suffix) == (level, suffix)])
+            acqs = sorted({m.acq or "" for m in selected})
+            acq = acqs[0] or None if len(acqs) == 1 else None  # named only when single
             outcomes += _run_one(analysis, model.inference, selected, maps, level, suffix,
-                                 acq or None, tables, root, n_procs, subject_rows)
+                                 acq, tables, root, n_procs, subject_rows)
         if subject_rows:
             frame = pd.DataFrame(subject_rows)
             atomic_write_text(frame.to_csv(sep="\t", index=False, na_rep="n/a"),
                               root / analysis.name / f"{analysis.name}_subjects.tsv")
     return outcomes
+
+
+def _one_acquisition_per_subject(maps: list[AtlasMap]) -> list[AtlasMap]:
+    """Each subject's maps from one acquisition only: the first by name."""
+    first: dict[str, str | None] = {}
+    for m in sorted(maps, key=lambda m: m.acq or ""):
+        first.setdefault(m.participant_id, m.acq)
+    return [m for m in maps if m.acq == first[m.participant_id]]
 
 
 def _other_map(analysis: Analysis, maps: list[AtlasMap], level: str,
@@ -357,10 +370,11 @@ def _run_one(analysis: Analysis, inference: Inference, selected: list[AtlasMap],
         if analysis.kind == "map":
             other_paths = [p for p, k in zip(other_paths, keep.to_numpy(), strict=True) if k]
         sites = variables[keep]["site"].reset_index(drop=True) if "site" in variables else None
-    subject_rows += [{**tag, "participant_id": pid, "session_id": ses, "used": True,
-                      "reason": "n/a"} for pid, ses in zip(units.get("participant_id", []),
-                                                           units.get("session_id", []),
-                                                           strict=True)]
+    subject_rows += [{**tag, "acq": unit_acq, "participant_id": pid, "session_id": ses,
+                      "used": True, "reason": "n/a"}
+                     for pid, ses, unit_acq in zip(units.get("participant_id", []),
+                                                   units.get("session_id", []),
+                                                   units.get("acq", []), strict=True)]
     subject_rows += [{**tag, "participant_id": e["participant_id"], "session_id": None,
                       "used": False, "reason": e["reason"]} for e in excluded]
     n_params = 0 if design is None else np.linalg.matrix_rank(design.matrix)
@@ -478,7 +492,8 @@ def _infer(analysis: Analysis, inference: Inference, contrast: Contrast, vector:
     table = _cluster_table(found, perm, fit, maps["pcluster"], mask3d, ref.affine)
     sidecar = {
         "Analysis": analysis.name, "Kind": analysis.kind, "Level": level, "Map": suffix,
-        "Acquisition": acq, "Contrast": {"Name": contrast.name,
+        "Acquisition": sorted({a for a in units["acq"] if isinstance(a, str)}),
+        "Contrast": {"Name": contrast.name,
                                          "ConditionList": list(contrast.conditions),
                                          "Weights": list(contrast.weights)},
         "DesignColumns": design.columns, "Test": "t, two-sided",
