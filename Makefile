@@ -33,9 +33,9 @@ system-deps:
 
 demo: install
 	rm -rf $(DEMO)
-	$(BIN)/spineqprep-synth $(DEMO)/bids --subjects 4 --sites 2 --sessions 2 --seed 1 --size small
+	$(BIN)/spineqprep-synth $(DEMO)/bids --subjects 6 --sites 2 --sessions 2 --seed 1 --size small
 	$(BIN)/spineqprep $(DEMO)/bids $(DEMO)/derivatives participant -w $(DEMO)/work
-	# group level on the participant level's atlas-space maps: 4 subjects carry no covariates
+	# group level on the participant level's atlas-space maps (6 subjects: no covariates)
 	$(BIN)/spineqprep $(DEMO)/bids $(DEMO)/derivatives group -w $(DEMO)/work \
 	  --group-covariates --group-site none --group-permutations 200
 	# voxel-wise group statistics on a simulated 40-subject, two-site atlas-space study
