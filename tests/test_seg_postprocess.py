@@ -148,7 +148,7 @@ def test_off_spine_blob_removed_and_flagged_small_one_dropped(truth):
 
 
 @pytest.mark.parametrize("case", ["body_touches_sacrum", "sacrum_fragment",
-                                  "split_sacrum_and_fragments"])
+                                  "split_sacrum_and_fragments", "sacrum_top_as_body"])
 def test_l5s1_kept_on_coarse_mapping_grids(truth, case):
     """Seen on 3-3.5 mm grids: the L5 body touching the sacrum as closely as the L5S1 disc
     (through the disc's rim), a piece of sacrum classed as body beside it, or a sacrum split
@@ -162,6 +162,11 @@ def test_l5s1_kept_on_coarse_mapping_grids(truth, case):
     if case == "body_touches_sacrum":  # the disc's anterior rim read as L5 body
         rim = (d == 124) & (xyz[..., 1] >= np.quantile(xyz[d == 124][:, 1], 0.8))
         broken[rim] = 24
+    elif case == "sacrum_top_as_body":  # the top of the sacrum, 40 % of a body, read as body
+        sacrum = d == 26
+        gap = np.linalg.norm(xyz - xyz[d == 124].mean(0), axis=-1)
+        n = int(0.4 * (d == 23).sum())
+        broken[sacrum & (gap <= np.sort(gap[sacrum])[n])] = 24
     else:  # the sacrum's most lateral voxels above its centroid read as a vertebral body
         sacrum = d == 26
         if case == "split_sacrum_and_fragments":

@@ -323,9 +323,10 @@ FIRST_STEP_MM = 15.0
 def _first_step(sacrum: _Component, others: list[_Component], up: np.ndarray) -> int:
     """The component the column starts from above the sacrum: of those near it (within
     FIRST_STEP_MM of the nearest) and above its centroid, the one whose chain takes in the most
-    components, then the nearer centroid. The nearest alone fails on coarse grids, where the
-    L5S1 disc and the L5 body both touch the sacrum (the body first drops the disc below it)
-    and a sacrum fragment classed as body can touch it closest."""
+    components, then the nearer centroid; a body whose chain goes on to a disc near the sacrum
+    is a piece of the sacrum, and the column starts at that disc. The nearest alone fails on
+    coarse grids, where the L5S1 disc and the L5 body both touch the sacrum (the body first
+    drops the disc below it) and a sacrum fragment classed as body can touch it closest."""
     gaps = np.array([_gap(sacrum, c) for c in others])
     near = [i for i, c in enumerate(others) if gaps[i] <= gaps.min() + FIRST_STEP_MM
             and (c.centroid - sacrum.centroid) @ up > 0] or [int(np.argmin(gaps))]
@@ -334,7 +335,12 @@ def _first_step(sacrum: _Component, others: list[_Component], up: np.ndarray) ->
         return (len(_chain(sacrum.centroid, up, others, i)),
                 -float(np.linalg.norm(others[i].centroid - sacrum.centroid)))
 
-    return max(near, key=score)
+    best = max(near, key=score)
+    chain = _chain(sacrum.centroid, up, others, best)
+    if others[best].cls == BODY and len(chain) > 1 and chain[1] in near and \
+            others[chain[1]].cls == DISC:
+        return chain[1]  # a "body" below the L5S1 disc is a piece of the sacrum
+    return best
 
 
 #: a flag ending so is a note: those components took no part in the labelling
