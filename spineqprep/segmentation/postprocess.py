@@ -331,12 +331,10 @@ def _first_step(sacrum: _Component, others: list[_Component], up: np.ndarray) ->
     near = [i for i, c in enumerate(others) if gaps[i] <= gaps.min() + FIRST_STEP_MM
             and (c.centroid - sacrum.centroid) @ up > 0] or [int(np.argmin(gaps))]
 
-    def score(i: int) -> tuple[int, float]:
-        return (len(_chain(sacrum.centroid, up, others, i)),
-                -float(np.linalg.norm(others[i].centroid - sacrum.centroid)))
-
-    best = max(near, key=score)
-    chain = _chain(sacrum.centroid, up, others, best)
+    chains = {i: _chain(sacrum.centroid, up, others, i) for i in near}
+    best = max(near, key=lambda i: (len(chains[i]), -float(
+        np.linalg.norm(others[i].centroid - sacrum.centroid))))
+    chain = chains[best]
     if others[best].cls == BODY and len(chain) > 1 and chain[1] in near and \
             others[chain[1]].cls == DISC:
         return chain[1]  # a "body" below the L5S1 disc is a piece of the sacrum

@@ -25,7 +25,7 @@ from spineqprep.stats.tfce import TFCE_E, TFCE_H, face_edges, max_cluster_size, 
 
 #: upper bound of the floats held by one batch of permuted statistics.
 BATCH_FLOATS = 2**24
-#: voxels (maps x voxels) per TFCE call: its face pairs and sort orders take ~80 B per voxel.
+#: voxels (maps x voxels) per TFCE call: its output and working arrays take ~60 B per voxel.
 TFCE_VOXELS = 2**21
 
 

@@ -314,7 +314,7 @@ def run_analyses(output_dir: Path, bids_dir: Path | None, model: GroupModel, *,
             selected = _one_acquisition_per_subject(
                 [m for m in maps if (m.level, m.suffix) == (level, suffix)])
             acqs = sorted({m.acq or "" for m in selected})
-            acq = acqs[0] or None if len(acqs) == 1 else None  # named only when single
+            acq = (acqs[0] or None) if len(acqs) == 1 else None  # named only when single
             outcomes += _run_one(analysis, model.inference, selected, maps, level, suffix,
                                  acq, tables, root, n_procs, subject_rows)
         if subject_rows:
@@ -493,9 +493,8 @@ def _infer(analysis: Analysis, inference: Inference, contrast: Contrast, vector:
     sidecar = {
         "Analysis": analysis.name, "Kind": analysis.kind, "Level": level, "Map": suffix,
         "Acquisition": sorted({a for a in units["acq"] if isinstance(a, str)}),
-        "Contrast": {"Name": contrast.name,
-                                         "ConditionList": list(contrast.conditions),
-                                         "Weights": list(contrast.weights)},
+        "Contrast": {"Name": contrast.name, "ConditionList": list(contrast.conditions),
+                     "Weights": list(contrast.weights)},
         "DesignColumns": design.columns, "Test": "t, two-sided",
         "Subjects": [f"{p}" + (f"_{s}" if isinstance(s, str) else "")
                      for p, s in zip(units["participant_id"], units["session_id"],
