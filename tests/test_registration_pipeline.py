@@ -19,6 +19,7 @@ from spineqprep.cli.run import main
 from spineqprep.registration import apply_transform
 from spineqprep.registration.atlas import load_atlas, space_name
 from spineqprep.registration.pipeline import SeriesInput, disc_labels, register_grid
+from spineqprep.registration.quality import cut_by_fov
 from spineqprep.relaxometry import fit_images
 from spineqprep.synth import generate_dataset
 
@@ -104,6 +105,18 @@ def test_discs_on_coarse_grids_register(held_out_coarse, tmp_path, site, acq) ->
         assert q.folded_fraction == 0
         assert 0.5 < q.jacobian_mean < 2.0, (r.level, q.jacobian_mean)
         assert q.dice >= COARSE_DICE, (r.level, q.dice)
+        assert q.fov_cut, r.level  # the 40-50 mm left-right field of view cuts every disc
+
+
+def test_fov_cut_is_a_mask_touching_an_image_face() -> None:
+    mask = np.zeros((6, 7, 5), bool)
+    mask[2:4, 2:5, 1:4] = True
+    assert not cut_by_fov(mask)
+    for axis in range(3):
+        cut = mask.copy()
+        cut[(slice(None),) * axis + (-1,)] = True
+        assert cut_by_fov(cut), axis
+    assert not cut_by_fov(mask[:, :, 2:3])  # a single slice is not cut along its normal
 
 
 def test_participant_level_writes_atlas_space_maps_and_flags_a_failed_disc(tmp_path) -> None:
@@ -132,7 +145,8 @@ def test_participant_level_writes_atlas_space_maps_and_flags_a_failed_disc(tmp_p
     qc = pd.read_csv(anat / f"sub-{subject}_acq-mapss_desc-registration_qc.tsv", sep="\t",
                      na_values="n/a", keep_default_na=False)
     assert list(qc.columns) == ["level", "dice", "jacobian_mean", "jacobian_sd",
-                                "folded_fraction", "histogram_distance", "passed", "reason"]
+                                "folded_fraction", "histogram_distance", "fov_cut", "passed",
+                                "reason"]
     failed = qc.set_index("level").loc["L1L2"]
     assert str(failed["passed"]).lower() == "false" and "empty" in failed["reason"]
     assert not list(anat.glob("*_space-SpineDiscL1L2_*"))

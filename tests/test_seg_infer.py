@@ -162,3 +162,10 @@ def test_segment_spine_with_stand_in_bundle(tmp_path, monkeypatch):
     pred = np.asarray(out.dseg_img.dataobj)
     for label in (24, 23, 22, 21, 20, 124, 123, 122, 121, 120):
         assert np.bincount(pred[d == label]).argmax() == label, (label, out.flags)
+    # the bundle's own cut-offs apply unless the caller gives one: a disc cut-off above every
+    # disc probability of the stand-in empties the discs, the caller's 0.5 restores them
+    peak = float(np.asarray(out.probseg_img.dataobj)[..., 3].max())
+    strict = (Coder(), {**META, "cutoffs": {"disc": min(1.0, peak + 1e-3)}})
+    assert not (np.asarray(segment_spine(img, bundle=strict).dseg_img.dataobj) > 100).any()
+    relaxed = segment_spine(img, bundle=strict, cutoffs={"disc": 0.5})
+    assert np.array_equal(np.asarray(relaxed.dseg_img.dataobj), pred)

@@ -79,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "of the packaged one")
     g.add_argument("--cutoff", action="append", metavar="STRUCTURE=P", default=None,
                    help="probability cut-off of one structure (repeatable): vertebral_body, "
-                   "sacrum, disc (default 0.5) or an endplate L4L5_superior, L4L5_inferior, "
-                   "L5S1_superior, L5S1_inferior (published defaults 0.24, 0.32, 0.24, 0.30)")
+                   "sacrum, disc (default: the model's own, model.json 'cutoffs', else 0.5) or an "
+                   "endplate L4L5_superior, L4L5_inferior, L5S1_superior, L5S1_inferior "
+                   "(published defaults 0.24, 0.32, 0.24, 0.30)")
     g.add_argument("--no-segmentation", dest="segmentation", action="store_false", default=None,
                    help="maps only: no segmentation and no region statistics")
     g.add_argument("--no-registration", dest="registration", action="store_false",

@@ -33,12 +33,12 @@ from spineqprep.registration.disc import (
     is_single_slice,
     register_disc,
 )
-from spineqprep.registration.quality import DiscQuality, histogram_distance
+from spineqprep.registration.quality import DiscQuality, cut_by_fov, histogram_distance
 from spineqprep.relaxometry import fit_images
 
 WARP_MODES = ("echoes", "maps", "both")
 QC_COLUMNS = ("level", "dice", "jacobian_mean", "jacobian_sd", "folded_fraction",
-              "histogram_distance", "passed", "reason")
+              "histogram_distance", "fov_cut", "passed", "reason")
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,7 @@ def register_grid(
         transform, quality = register_disc(moving, atlas_mask, Path(work_dir) / level,
                                            backend=backend, parameter_maps=parameter_maps,
                                            min_dice=min_dice)
+        quality = replace(quality, fov_cut=cut_by_fov(np.asarray(moving.dataobj) > 0))
         maps: dict[str, dict[str, dict[str, nib.Nifti1Image]]] = {}
         by_map: dict[str, DiscQuality] = {}
         if quality.passed:
@@ -166,8 +167,8 @@ def qc_rows(results: Sequence[DiscResult]) -> list[dict]:
         q = r.quality
         rows.append({"level": r.level, "dice": q.dice, "jacobian_mean": q.jacobian_mean,
                      "jacobian_sd": q.jacobian_sd, "folded_fraction": q.folded_fraction,
-                     "histogram_distance": q.histogram_distance, "passed": q.passed,
-                     "reason": q.reason})
+                     "histogram_distance": q.histogram_distance, "fov_cut": q.fov_cut,
+                     "passed": q.passed, "reason": q.reason})
     return rows
 
 

@@ -15,7 +15,12 @@ from scipy.stats import wasserstein_distance
 
 @dataclass(frozen=True)
 class DiscQuality:
-    """Quality figures of one registered disc; ``reason`` is "" when it passed."""
+    """Quality figures of one registered disc; ``reason`` is "" when it passed.
+
+    ``fov_cut`` is a warning, not a failure: the native disc reaches the edge of its image, so
+    only part of it was registered (stretched onto the whole atlas disc); the atlas-space
+    values near the cut come from the part that was imaged.
+    """
 
     dice: float
     jacobian_mean: float
@@ -24,6 +29,7 @@ class DiscQuality:
     histogram_distance: float | None
     passed: bool
     reason: str
+    fov_cut: bool = False
 
     def as_sidecar(self) -> dict:
         """The figures under the JSON sidecar key names (``RegistrationQC``)."""
@@ -35,6 +41,7 @@ class DiscQuality:
             "HistogramDistance": self.histogram_distance,
             "Passed": self.passed,
             "Reason": self.reason,
+            "CutByFieldOfView": self.fov_cut,
         }
 
 
@@ -43,6 +50,12 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, bool), np.asarray(b, bool)
     total = int(a.sum()) + int(b.sum())
     return 1.0 if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
+
+
+def cut_by_fov(mask: np.ndarray) -> bool:
+    """Whether a native mask touches a face of its image (any axis longer than one voxel)."""
+    mask = np.asarray(mask, bool)
+    return any(mask.take([0, -1], axis=a).any() for a in range(mask.ndim) if mask.shape[a] > 1)
 
 
 def histogram_distance(native_values: np.ndarray, atlas_values: np.ndarray) -> float:
