@@ -404,3 +404,25 @@ def test_official_validator(longitudinal):
     issues = json.loads(proc.stdout)["issues"]["issues"]
     errors = [(i["code"], i.get("location")) for i in issues if i["severity"] == "error"]
     assert errors == []
+
+
+def test_cortical_bone_is_a_partial_volume_signal_void() -> None:
+    """The bony endplate fills its share of each voxel: a point sample is in or out; a voxel
+    three times the layer's thickness, centred on it, is a third bone; and along a line from a
+    disc's centre into the vertebra above, the effective PD dips (the dark endplate line) while
+    the labels stay disc then vertebra."""
+    from spineqprep.synth.anatomy import _layer, build_anatomy
+
+    assert _layer(np.array([-0.1, 0.5, 1.1]), 1.0, 0.0).tolist() == [0.0, 1.0, 0.0]
+    assert _layer(np.array([0.5]), 1.0, 3.0)[0] == pytest.approx(1 / 3)
+    assert _layer(np.array([-2.0, 3.0]), 1.0, 1.0).tolist() == [0.0, 0.0]
+    person = sample_cohort(1, 1, 1, 7)[0]
+    anat = build_anatomy(person, person.visits[0], 7)
+    k = lab.DISCS.index("L3L4")
+    u = anat.disc_u[k] + np.linspace(0.0, 12.0, 241)
+    points = anat.world(u, np.zeros_like(u), np.zeros_like(u))
+    fine, coarse = anat.evaluate(points, 0.1), anat.evaluate(points, 3.0)
+    assert fine.labels[0] == lab.nucleus(k) and fine.labels[-1] == lab.vertebra(k)
+    assert fine.pd_scale.min() < 0.05 and coarse.pd_scale.min() > 0.6  # a line vs a shadow
+    assert fine.pd_scale[0] == fine.pd_scale[-1] == 1.0
+    assert np.array_equal(fine.labels, coarse.labels)

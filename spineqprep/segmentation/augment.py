@@ -56,11 +56,12 @@ def warp(array: np.ndarray, coords: np.ndarray, order: int, fill: float = 0.0) -
 
 
 def random_contrast(rng: np.random.Generator, labels: np.ndarray, groups: np.ndarray,
-                    n_labels: int) -> np.ndarray:
+                    n_labels: int, scale: np.ndarray | None = None) -> np.ndarray:
     """A synthetic image from a stack of sub-slice label maps (partial volume across the slice
     thickness = mean over the stack): every label draws a random mean intensity (with
     probability 0.5 labels of one tissue group share it), plus a random within-tissue spread.
-    Label 0 (air) stays dark most of the time."""
+    Label 0 (air) stays dark most of the time. ``scale`` (same shape, 0-1) multiplies the
+    signal: the share of each pixel that is not a signal void (cortical bone)."""
     means = rng.uniform(0.0, 1.0, n_labels)
     if rng.random() < 0.5:
         means = rng.uniform(0.0, 1.0, groups.max() + 1)[groups]
@@ -68,6 +69,8 @@ def random_contrast(rng: np.random.Generator, labels: np.ndarray, groups: np.nda
         means[0] = rng.uniform(0.0, 0.08)
     spread = rng.uniform(0.0, 0.06, n_labels)
     image = means[labels] + spread[labels] * rng.normal(size=labels.shape)
+    if scale is not None:
+        image = image * scale
     return image.mean(axis=0) if image.ndim == 3 else image
 
 

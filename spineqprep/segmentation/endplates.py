@@ -34,7 +34,6 @@ from spineqprep.segmentation.network import build_network, count_parameters
 from spineqprep.synth import labels as lab
 from spineqprep.synth.anatomy import build_anatomy, rotation_matrix
 from spineqprep.synth.cohort import sample_cohort
-from spineqprep.synth.truth import sample_points
 
 #: Network classes, background first, in the published order of the four networks.
 CLASSES = ("background", "L4L5_superior", "L4L5_inferior", "L5S1_superior", "L5S1_inferior")
@@ -92,6 +91,7 @@ def make_bank(n_subjects: int, slices_per_subject: int, seed: int = trainset.TRA
     people = sample_cohort(n_subjects, min(3, n_subjects), 1, seed)
     labels = np.zeros((n_subjects * slices_per_subject, 3, size, size), np.uint8)
     images = np.zeros((len(labels), len(REALISTIC), size, size), np.float16)
+    scale = np.zeros_like(labels)
     rng = np.random.default_rng([seed, 17])
     j5 = lab.VERTEBRAE.index("L5")
     idx = (np.arange(size) - (size - 1) / 2) * spacing
@@ -111,14 +111,12 @@ def make_bank(n_subjects: int, slices_per_subject: int, seed: int = trainset.TRA
             thickness = rng.uniform(0.5, 3.0)
             flat = centre + np.outer(a, rows) + np.outer(b, cols)
             points = np.stack([flat + k * thickness / 3 * normal for k in (-1, 0, 1)])
-            det, maps = sample_points(anat, points.reshape(-1, 3), visit.discs)
             i = p * slices_per_subject + s
-            labels[i] = trainset.TO_COMPACT[det].reshape(3, size, size)
-            signal = _signals(maps).reshape(len(REALISTIC), 3, size, size).mean(axis=1)
-            images[i] = signal.astype(np.float16)
+            labels[i], images[i], scale[i] = trainset.bank_slice(anat, points, visit, size,
+                                                                 spacing, _signals)
         if progress and (p + 1) % max(1, n_subjects // 10) == 0:
             progress(f"endplate bank: {p + 1}/{n_subjects} subjects")
-    return trainset.SliceBank(labels, images)
+    return trainset.SliceBank(labels, images, scale)
 
 
 def sample(bank: trainset.SliceBank, rng: np.random.Generator, size: int

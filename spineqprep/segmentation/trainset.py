@@ -32,7 +32,7 @@ from spineqprep.errors import InputError
 from spineqprep.segmentation import augment
 from spineqprep.synth import labels as lab
 from spineqprep.synth.anatomy import Anatomy, build_anatomy, rotation_matrix
-from spineqprep.synth.cohort import sample_cohort
+from spineqprep.synth.cohort import Visit, sample_cohort
 from spineqprep.synth.truth import sample_points
 
 CLASSES = ("background", "vertebral_body", "sacrum", "disc")
@@ -71,11 +71,13 @@ TO_COMPACT, CLASS_OF, GROUP_OF, DETAILED = _compact_tables()
 
 @dataclass(frozen=True)
 class SliceBank:
-    """Sub-slice label maps (N, 3, H, W, compact uint8) and the generator's contrasts
-    (N, 4, H, W, float16, thickness-averaged, in ``REALISTIC`` order)."""
+    """Sub-slice label maps (N, 3, H, W, compact uint8), the generator's contrasts
+    (N, 4, H, W, float16, thickness-averaged, in ``REALISTIC`` order) and the non-bone share
+    of each sub-slice pixel (N, 3, H, W, uint8 0-255; None: no cortical bone)."""
 
     labels: np.ndarray
     images: np.ndarray
+    pd_scale: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -118,20 +120,31 @@ def make_bank(n_subjects: int, slices_per_subject: int, seed: int = TRAINING_SEE
     people = sample_cohort(n_subjects, min(3, n_subjects), 1, seed)
     labels = np.zeros((n_subjects * slices_per_subject, 3, size, size), np.uint8)
     images = np.zeros((len(labels), len(REALISTIC), size, size), np.float16)
+    scale = np.zeros_like(labels)
     rng = np.random.default_rng([seed, 7])
     for p, person in enumerate(people):
         visit = person.visits[0]
         anat = build_anatomy(person, visit, seed)
         for s in range(slices_per_subject):
             points, _ = _plane(anat, rng, size, spacing)
-            det, maps = sample_points(anat, points.reshape(-1, 3), visit.discs)
             i = p * slices_per_subject + s
-            labels[i] = TO_COMPACT[det].reshape(3, size, size)
-            signal = _signals(maps).reshape(len(REALISTIC), 3, size, size).mean(axis=1)
-            images[i] = signal.astype(np.float16)
+            labels[i], images[i], scale[i] = bank_slice(anat, points, visit, size, spacing)
         if progress and (p + 1) % max(1, n_subjects // 10) == 0:
             progress(f"slice bank: {p + 1}/{n_subjects} subjects")
-    return SliceBank(labels, images)
+    return SliceBank(labels, images, scale)
+
+
+def bank_slice(anat: Anatomy, points: np.ndarray, visit: Visit, size: int, spacing: float,
+               signals: Callable[[dict[str, np.ndarray]], np.ndarray] = _signals
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Compact labels, contrasts (``signals`` of the truth maps, thickness-averaged) and
+    non-bone share (uint8) of three sub-slices of world ``points`` (3, size * size, 3)
+    sampled every ``spacing`` mm."""
+    det, maps = sample_points(anat, points.reshape(-1, 3), visit.discs, footprint_mm=spacing)
+    contrasts = signals(maps)
+    signal = contrasts.reshape(len(contrasts), 3, size, size).mean(axis=1)
+    scale = np.round(255 * maps["PDscale"]).astype(np.uint8).reshape(3, size, size)
+    return TO_COMPACT[det].reshape(3, size, size), signal.astype(np.float16), scale
 
 
 def to_bits(target: np.ndarray) -> np.ndarray:
@@ -175,7 +188,9 @@ def synthetic_sample(bank: SliceBank, rng: np.random.Generator, size: int,
         if rng.random() < 0.15:
             image = image.max() - image
     else:
-        image = augment.random_contrast(rng, sub, GROUP_OF, len(CLASS_OF))
+        scale = None if bank.pd_scale is None else augment.warp(
+            bank.pd_scale[i].astype(np.float32) / 255, coords, order=1, fill=1.0)
+        image = augment.random_contrast(rng, sub, GROUP_OF, len(CLASS_OF), scale)
     image = augment.degrade(rng, image, spacing_mm, spacing_range_mm)
     if rng.random() < 0.2:
         image, target = augment.cut_field_of_view(rng, image, target)

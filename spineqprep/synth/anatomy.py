@@ -7,8 +7,11 @@ curvilinear coordinates: ``u`` (arc length, superior +),
 discs are stacked along ``u``; their cross-sections are super-ellipses in (``v``, ``w``) with a
 posterior (kidney-bean) indentation for the vertebrae; disc surfaces are concave (thicker at
 the centre); a 0.5-1.0 mm cartilage endplate lies between each disc and each neighbour;
-vertebrae end at the endplates. Around the column: spinal canal, posterior elements,
-paraspinal and psoas muscles, subcutaneous fat (from BMI), other soft tissue and air.
+vertebrae end at the endplates, with a bony endplate and a cortical shell: a signal void
+(cortical bone gives no signal on these sequences), rendered as the fraction of each voxel it
+fills, so a thin dark line on fine grids and a faint darkening on coarse ones. Around the
+column: spinal canal, posterior elements, paraspinal and psoas muscles, subcutaneous fat (from
+BMI), other soft tissue and air.
 Each disc is a known smooth deformation of its level's canonical disc (``discs``): membership,
 nucleus pattern and disc texture are evaluated in the canonical coordinates.
 
@@ -34,6 +37,9 @@ _PSOAS_RADIUS = (0.0, 4.0, 8.0, 12.0, 16.0, 20.0, 22.0, 0.0)
 _DISC_HALF_HEIGHT = (3.0, 3.3, 3.6, 4.0, 4.4, 4.8, 4.4)
 _SUPERELLIPSE = dsc.SUPERELLIPSE
 _CEP_EXTENT = 0.92  # endplates cover this fraction of the disc radius (not the ring apophysis)
+#: Cortical bone of the vertebral bodies (mm): the bony endplate under each disc and the shell
+_BONY_ENDPLATE_MM = 1.0
+_SHELL_MM = 0.6
 #: Reference anatomy of the canonical discs: scale 1, modified grade 1, mean endplate thickness,
 #: mean concavity and the grade-1 bulge.
 _CANONICAL_CEP = 0.75
@@ -190,8 +196,12 @@ class Anatomy:
         return self.world(self.disc_u[k] + du, n[:, 1] * av, n[:, 0] * aw)
 
     # ---- labelling ---------------------------------------------------------------------
-    def evaluate(self, points: np.ndarray) -> Sample:
-        """Label world points (N, 3) with the detailed labels of ``labels``."""
+    def evaluate(self, points: np.ndarray, footprint_mm: float = 0.0) -> Sample:
+        """Label world points (N, 3) with the detailed labels of ``labels``.
+
+        ``footprint_mm``: the extent of the voxel each point stands for; the cortical bone's
+        share of it (``Sample.pd_scale`` = 1 - share) is its overlap with that extent around
+        the point, along the distance to the bone surface (0: a point sample)."""
         u, v, w, p = self.local(points)
         n = len(u)
         rev = slice(None, None, -1)
@@ -264,6 +274,15 @@ class Anatomy:
             idx = np.flatnonzero(sel)[blob <= 1 + 0.3 * tex[sel]]
             out[idx] = lab.modic(lesion.modic_type, lesion.vertebra)
 
+        # cortical bone: distance into the body from its endplate (within its cross-section)
+        # and from its outline (between its endplates), each covered by a layer of bone
+        rim = (1 - rho_v) * np.minimum(np.where(v < 0, a_post, av), aw)
+        body = (u <= top) & (u >= bottom)
+        bone = np.maximum(
+            np.where((rho_v <= 1) & body, _layer(beyond, _BONY_ENDPLATE_MM, footprint_mm), 0.0),
+            np.where(body & ((rho_d > 1) | (beyond > 0)), _layer(rim, _SHELL_MM, footprint_mm),
+                     0.0))
+
         frac = np.zeros(n, np.float32)
         if in_disc.any():
             kd = k[in_disc]
@@ -276,16 +295,27 @@ class Anatomy:
             sup = np.array([lab.cep_superior(i) for i in range(len(self.disc_u))], np.int16)
             inf = np.array([lab.cep_inferior(i) for i in range(len(self.disc_u))], np.int16)
             out[in_cep] = np.where(du[in_cep] > 0, sup[k[in_cep]], inf[k[in_cep]])
-        return Sample(out, frac, tex)
+        return Sample(out, frac, tex, (1.0 - bone).astype(np.float32))
 
 
 @dataclass(frozen=True)
 class Sample:
-    """Labels of a set of points, the nucleus fraction (0 outside discs) and the texture."""
+    """Labels of a set of points, the nucleus fraction (0 outside discs), the texture and the
+    share of each point's voxel that is not cortical bone (scales its proton density)."""
 
     labels: np.ndarray
     nucleus_fraction: np.ndarray
     texture: np.ndarray
+    pd_scale: np.ndarray
+
+
+def _layer(depth: np.ndarray, thickness: float, footprint: float) -> np.ndarray:
+    """Share of [depth - footprint / 2, depth + footprint / 2] inside [0, thickness]: the part
+    of a voxel (centre ``depth`` mm below a surface) that a layer under the surface fills."""
+    if footprint <= 0:
+        return ((depth >= 0) & (depth <= thickness)).astype(np.float64)
+    low, high = depth - footprint / 2, depth + footprint / 2
+    return np.clip(np.minimum(high, thickness) - np.maximum(low, 0.0), 0.0, None) / footprint
 
 
 def _superellipse(v: np.ndarray, w: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -5,10 +5,12 @@ its own grid (world coordinates through its affine), turning the per-voxel truth
 into signal, and adding Rician noise. Relaxometry series use exactly
 ``S_k = Gain * PD * exp(-t_k / T) + noise`` with ``t_k`` the time stored in the file's sidecar and
 ``T``/``PD`` the maps written to the truth dataset on the same grid, so the error of a
-mono-exponential fit against the truth is noise only (no partial volume, B0/B1, T1 recovery or
-chemical shift is simulated). For every relaxometry series the truth also holds the true maps
-of each disc in its level's atlas space (``space-SpineDisc<LEVEL>``, on the shipped atlas grid),
-the reference of disc-by-disc registration.
+mono-exponential fit against the truth is noise only (no partial volume between tissues, B0/B1,
+T1 recovery or chemical shift is simulated; the cortical bone of the vertebrae is a signal void
+whose share of each voxel scales ``PD``, so it only darkens). For every relaxometry series the
+truth also holds the true maps of each disc in its level's atlas space
+(``space-SpineDisc<LEVEL>``, on the shipped atlas grid), the reference of disc-by-disc
+registration.
 """
 
 from __future__ import annotations
@@ -204,7 +206,10 @@ def _decay(t: float, relaxation: np.ndarray) -> np.ndarray:
 def _sample_grid(anat: Anatomy, affine: np.ndarray, shape: tuple[int, int, int],
                  visit: Visit) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     ijk = np.indices(shape, dtype=np.float64).reshape(3, -1).T
-    labels, maps = sample_points(anat, ijk @ affine[:3, :3].T + affine[:3, 3], visit.discs)
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    in_plane = float(np.sort(zooms)[:2].mean())  # the bony endplate is seen in the slice plane
+    labels, maps = sample_points(anat, ijk @ affine[:3, :3].T + affine[:3, 3], visit.discs,
+                                 footprint_mm=in_plane)
     return labels.reshape(shape), {q: m.reshape(shape) for q, m in maps.items()}
 
 

@@ -26,17 +26,24 @@ _CENTRE_AREA = 100.0  # mm^2: "a 1 cm^2 region at the centre of the nucleus"
 
 
 def sample_points(anat: Anatomy, points: np.ndarray, discs: tuple[tissues.DiscTissue, ...],
-                  chunk: int = 400_000) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Detailed labels and truth maps at world ``points`` (N, 3), in chunks to bound memory."""
+                  chunk: int = 400_000, footprint_mm: float = 0.0
+                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Detailed labels and truth maps at world ``points`` (N, 3), in chunks to bound memory.
+
+    ``footprint_mm``: the voxel size the points stand for; the PD map is the voxel's
+    effective proton density (its cortical-bone share gives no signal, ``Anatomy.evaluate``),
+    so an image made from these maps shows the bone's partial volume while every relaxation
+    time stays the tissue's own; ``maps["PDscale"]`` is that non-bone share."""
     labels = np.empty(len(points), np.int16)
-    maps = {q: np.empty(len(points), np.float32) for q in tissues.QUANTITIES}
+    maps = {q: np.empty(len(points), np.float32) for q in (*tissues.QUANTITIES, "PDscale")}
     for start in range(0, len(points), chunk):
         part = slice(start, start + chunk)
-        s = anat.evaluate(points[part])
+        s = anat.evaluate(points[part], footprint_mm)
         labels[part] = s.labels
         for q, values in tissues.truth_maps(s.labels, s.nucleus_fraction, s.texture,
                                             discs).items():
-            maps[q][part] = values
+            maps[q][part] = values * s.pd_scale if q == "PD" else values
+        maps["PDscale"][part] = s.pd_scale
     return labels, maps
 
 
