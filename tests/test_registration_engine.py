@@ -248,7 +248,8 @@ def test_quality_figures():
     assert not low.passed and "Dice" in low.reason
     sidecar = good.as_sidecar()
     assert set(sidecar) == {"Dice", "JacobianMean", "JacobianSD", "FoldedFraction",
-                            "HistogramDistance", "Passed", "Reason"}
+                            "HistogramDistance", "Passed", "Reason", "CutByFieldOfView"}
+    assert sidecar["CutByFieldOfView"] is False  # a warning set by register_grid only
     values = np.random.default_rng(0).normal(0.1, 0.02, 5000)
     assert histogram_distance(values, values) == 0.0
     assert histogram_distance(values, values * 1.1) == pytest.approx(0.1, rel=0.02)
