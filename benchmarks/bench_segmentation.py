@@ -56,11 +56,12 @@ def synthetic(bundle, subjects: int, size: str, seed: int = 999,
                                         f"{stem}_dseg.nii.gz").dataobj)
             pred = np.asarray(seg.dseg_img.dataobj)
             right = levels_right(pred, truth)
+            contrast = path.name.split("_")[-1][:-7]
             true_map = _true_map(res.truth_dir / path.parent.relative_to(res.raw_dir), stem,
-                                 path.name)
+                                 contrast)
             for level, index in LEVELS.items():
                 if (truth == index).sum() > 20:
-                    rows.append({"image": path.name, "contrast": path.name.split("_")[-1][:-7],
+                    rows.append({"image": path.name, "contrast": contrast,
                                  "level": level, "dice": dice(pred == index, truth == index),
                                  "confident": seg.confident, "right": right,
                                  "seconds": seconds,
@@ -69,9 +70,9 @@ def synthetic(bundle, subjects: int, size: str, seed: int = 999,
     return pd.DataFrame(rows)
 
 
-def _true_map(folder: Path, stem: str, name: str) -> np.ndarray | None:
+def _true_map(folder: Path, stem: str, contrast: str) -> np.ndarray | None:
     """The true T2 (MESE) or T1rho (MESL) map (ms) of a mapping image's grid, else None."""
-    suffix = {"MESE": "T2map", "MESL": "T1rho"}.get(name.split("_")[-1][:-7])
+    suffix = {"MESE": "T2map", "MESL": "T1rho"}.get(contrast)
     return None if suffix is None else 1000 * np.asarray(
         nib.load(folder / f"{stem}_{suffix}.nii.gz").dataobj, np.float64)
 

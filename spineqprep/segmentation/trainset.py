@@ -73,11 +73,11 @@ TO_COMPACT, CLASS_OF, GROUP_OF, DETAILED = _compact_tables()
 class SliceBank:
     """Sub-slice label maps (N, 3, H, W, compact uint8), the generator's contrasts
     (N, 4, H, W, float16, thickness-averaged, in ``REALISTIC`` order) and the non-bone share
-    of each sub-slice pixel (N, 3, H, W, uint8 0-255; None: no cortical bone)."""
+    of each sub-slice pixel (N, 3, H, W, uint8 0-255: the cortical bone's signal void)."""
 
     labels: np.ndarray
     images: np.ndarray
-    pd_scale: np.ndarray | None = None
+    pd_scale: np.ndarray
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -188,8 +188,8 @@ def synthetic_sample(bank: SliceBank, rng: np.random.Generator, size: int,
         if rng.random() < 0.15:
             image = image.max() - image
     else:
-        scale = None if bank.pd_scale is None else augment.warp(
-            bank.pd_scale[i].astype(np.float32) / 255, coords, order=1, fill=1.0)
+        scale = augment.warp(bank.pd_scale[i].astype(np.float32) / 255, coords, order=1,
+                             fill=1.0)
         image = augment.random_contrast(rng, sub, GROUP_OF, len(CLASS_OF), scale)
     image = augment.degrade(rng, image, spacing_mm, spacing_range_mm)
     if rng.random() < 0.2:
