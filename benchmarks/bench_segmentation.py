@@ -48,15 +48,16 @@ def synthetic(bundle, subjects: int, size: str, seed: int = 999,
                          *res.raw_dir.rglob("*_tsl-1_MESL.nii.gz")])
         for path in images:
             img = nib.load(path)
+            contrast = path.name.split("_")[-1][:-7]
             start = time.perf_counter()
-            seg = segment_spine(img, bundle=bundle, n_threads=2, cutoffs=cutoffs)
+            seg = segment_spine(img, bundle=bundle, n_threads=2, cutoffs=cutoffs,
+                                contrast=contrast)
             seconds = time.perf_counter() - start
             stem = path.name.split("_acq-")[0] + "_acq-" + path.name.split("_acq-")[1].split("_")[0]
             truth = np.asarray(nib.load(res.truth_dir / path.parent.relative_to(res.raw_dir) /
                                         f"{stem}_dseg.nii.gz").dataobj)
             pred = np.asarray(seg.dseg_img.dataobj)
             right = levels_right(pred, truth)
-            contrast = path.name.split("_")[-1][:-7]
             true_map = _true_map(res.truth_dir / path.parent.relative_to(res.raw_dir), stem,
                                  contrast)
             for level, index in LEVELS.items():

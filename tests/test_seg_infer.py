@@ -169,3 +169,17 @@ def test_segment_spine_with_stand_in_bundle(tmp_path, monkeypatch):
     assert not (np.asarray(segment_spine(img, bundle=strict).dseg_img.dataobj) > 100).any()
     relaxed = segment_spine(img, bundle=strict, cutoffs={"disc": 0.5})
     assert np.array_equal(np.asarray(relaxed.dseg_img.dataobj), pred)
+    # a contrast's own cut-offs in the bundle apply to images of that contrast only
+    per_contrast = (Coder(), {**strict[1], "cutoffs_by_contrast": {"T2w": {"disc": 0.5}}})
+    t2w = segment_spine(img, bundle=per_contrast, contrast="T2w")
+    assert np.array_equal(np.asarray(t2w.dseg_img.dataobj), pred)
+    mese = segment_spine(img, bundle=per_contrast, contrast="MESE")
+    assert not (np.asarray(mese.dseg_img.dataobj) > 100).any()
+
+
+def test_segment_interface_passes_the_bids_suffix_as_contrast():
+    """The bundle's per-contrast cut-offs are keyed by the BIDS suffix of the segmented file."""
+    from spineqprep.interfaces.segmentation import _bids_suffix
+
+    assert _bids_suffix("/d/sub-01/anat/sub-01_acq-fse_echo-1_MESE.nii.gz") == "MESE"
+    assert _bids_suffix("sub-01_ses-1_acq-sag_T2w.nii") == "T2w"

@@ -47,7 +47,8 @@ class SegmentSpine(SimpleInterface):
         cutoffs = self.inputs.cutoffs if isdefined(self.inputs.cutoffs) else {}
         seg = segment_spine(nib.load(self.inputs.in_file), bundle=bundle,
                             n_threads=self.inputs.num_threads,
-                            cutoffs={k: v for k, v in cutoffs.items() if k in CLASSES})
+                            cutoffs={k: v for k, v in cutoffs.items() if k in CLASSES},
+                            contrast=_bids_suffix(self.inputs.in_file))
         cwd = Path(runtime.cwd)
         seg.dseg_img.header.set_xyzt_units("mm")
         seg.dseg_img.to_filename(cwd / "dseg.nii.gz")
@@ -61,6 +62,12 @@ class SegmentSpine(SimpleInterface):
                 "LevelsConfident": bool(seg.confident)},
         )
         return runtime
+
+
+def _bids_suffix(path: str) -> str:
+    """The BIDS suffix of a file name (``..._echo-1_MESE.nii.gz`` -> ``MESE``): the contrast
+    whose cut-offs the bundle may set apart."""
+    return Path(path).name.split(".")[0].rsplit("_", 1)[-1]
 
 
 def _write_probsegs(probseg: nib.Nifti1Image, classes: tuple[str, ...], cwd: Path

@@ -38,12 +38,13 @@ def segment_spine(img: nib.Nifti1Image, *,
                   bundle: str | Path | tuple[Any, Mapping[str, Any]] | None = None,
                   n_threads: int = 1, cutoffs: Mapping[str, float] | None = None,
                   min_volume_mm3: Mapping[str, float] | None = None,
-                  batch_size: int = 16) -> SpineSegmentation:
+                  batch_size: int = 16, contrast: str | None = None) -> SpineSegmentation:
     """Segment and level-label the spine on ``img`` (3-D, a single slice, or the first volume
     of a 4-D series). ``bundle``: ``None`` for the packaged model, a bundle folder / ``.pt``
     file, or an already loaded ``(model, meta)`` pair; ``cutoffs`` / ``min_volume_mm3``: per
     structure (``vertebral_body``, ``sacrum``, ``disc``); cut-offs default to the bundle's
-    ``cutoffs`` (``model.json``), else 0.5."""
+    ``cutoffs`` (``model.json``), else 0.5, and for an image of ``contrast`` (its BIDS suffix:
+    T1w, T2w, MESE, MESL) to the bundle's ``cutoffs_by_contrast`` for it."""
     if bundle is None or isinstance(bundle, str | Path):
         from spineqprep.segmentation.model_io import load_bundle
 
@@ -52,8 +53,10 @@ def segment_spine(img: nib.Nifti1Image, *,
         model, meta = bundle
     classes = tuple(meta["classes"])
     probs = predict_probabilities(img, model, meta, n_threads=n_threads, batch_size=batch_size)
-    # the bundle's own cut-offs (chosen for its calibration, model card), then the user's
-    cutoffs = {**meta.get("cutoffs", {}), **(cutoffs or {})}
+    # the bundle's own cut-offs (chosen on its calibration subjects, model card), those for
+    # this contrast, then the user's
+    cutoffs = {**meta.get("cutoffs", {}), **meta.get("cutoffs_by_contrast", {}).get(contrast, {}),
+               **(cutoffs or {})}
     labels: SpineLabels = label_spine(probs, img.affine, classes=classes, cutoffs=cutoffs,
                                       min_volume_mm3=min_volume_mm3,
                                       slice_axis=sagittal_axis(img.affine))
