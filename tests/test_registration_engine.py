@@ -280,3 +280,28 @@ def test_tune_command(tmp_path, elastix2d):
                                parameter_maps=tuned)
     assert quality.passed
     assert main([str(tmp_path / "missing.tsv"), str(tmp_path / "x")]) == 2
+
+
+def test_anti_aliased_mask_follows_the_true_outline_better():
+    """A disc-like tilted slab 9 mm tall, voxelised on a 1.6 mm grid: the smoothed mask's 0.5
+    level (what register_disc's Dice warps) is closer to the true slab than the binary mask's
+    voxel staircase, both resampled to 0.4 mm with linear interpolation."""
+    from scipy import ndimage
+
+    from spineqprep.registration.disc import smoothed_mask
+
+    def slab(points: np.ndarray) -> np.ndarray:  # points (..., 3) in mm
+        tilt = np.tan(np.radians(7.0))
+        height = points[..., 2] - tilt * points[..., 1]
+        return (np.abs(height) <= 4.5) & (np.hypot(points[..., 0] / 20, points[..., 1] / 15) <= 1)
+
+    coarse, fine = 1.6, 0.4
+    grid = np.stack(np.meshgrid(*[np.arange(-30, 30.01, coarse)] * 3, indexing="ij"), -1)
+    mask = slab(grid)
+    affine = np.diag([coarse, coarse, coarse, 1.0])
+    index = np.stack(np.meshgrid(*[np.arange(0, len(grid) - 1, fine / coarse)] * 3,
+                                 indexing="ij"))
+    truth = slab(np.moveaxis(index, 0, -1) * coarse - 30)
+    binary = ndimage.map_coordinates(mask.astype(np.float32), index, order=1) > 0.5
+    smooth = ndimage.map_coordinates(smoothed_mask(mask, affine), index, order=1) > 0.5
+    assert dice(smooth, truth) > dice(binary, truth) + 0.005
