@@ -108,9 +108,10 @@ def test_no_sacrum_is_flagged_and_left_unlabelled(truth):
 
 
 @pytest.mark.parametrize("case", ["merged_discs", "missing_body", "merged_bodies",
-                                  "missing_disc"])
+                                  "missing_disc", "bodies_joined_around_disc"])
 def test_anomalies_are_flagged_and_levels_above_kept(truth, case):
-    img = nib.load(next(p for p in _dsegs(truth) if "acq-sag" in p.name))
+    grid = "sub-02_acq-sag" if case == "bodies_joined_around_disc" else "acq-sag"
+    img = nib.load(next(p for p in _dsegs(truth) if grid in p.name))
     d = np.asarray(img.dataobj).astype(int)
     broken = d.copy()
     if case == "merged_discs":
@@ -119,6 +120,14 @@ def test_anomalies_are_flagged_and_levels_above_kept(truth, case):
         broken[d == 22] = 0
     elif case == "merged_bodies":
         broken[d == 122] = 22  # L3L4 disc read as bone: L3 and L4 one component
+    elif case == "bodies_joined_around_disc":  # seen on a T2w: L3 and L4 one component through
+        # the L3L4 disc's outermost slice read as bone, the rest a disc that must stay L3L4 (it
+        # was labelled L2L3: one above the whole merged component)
+        lateral = int(np.argmax(np.abs(img.affine[0, :3])))
+        side = np.moveaxis(np.indices(d.shape), 0, -1)[..., lateral]
+        rim = (d == 122) & (side == side[d == 122].min())
+        broken[rim] = 22
+        assert (broken == 122).any()
     else:
         broken[d == 122] = 0
     res = label_spine(perturbed_probs(broken, np.random.default_rng(3)), img.affine)
@@ -126,6 +135,10 @@ def test_anomalies_are_flagged_and_levels_above_kept(truth, case):
     for label in (24, 21, 20, 19, 124, 121, 120, 119):  # below and above the damage
         assert wrong_levels(np.where(d == label, res.dseg, 0), np.where(d == label, d, 0)) \
             == {}, (case, label, res.flags)
+    if case == "bodies_joined_around_disc":
+        assert any("merged vertebral bodies" in f for f in res.flags), res.flags
+        kept = broken == 122
+        assert wrong_levels(np.where(kept, res.dseg, 0), np.where(kept, d, 0)) == {}, res.flags
 
 
 def test_off_spine_blob_removed_and_flagged_small_one_dropped(truth):

@@ -405,8 +405,15 @@ def inplane_spacing(affine: np.ndarray, shape: Sequence[int]) -> float:
     return float(max(norms[a] for a in range(3) if a != sag))
 
 
-def _top_level(c: _Component) -> int:
-    return max((lv for _, lv in c.parts), default=c.level)
+def _part_positions(body: _Component, axis: np.ndarray, affine: np.ndarray
+                    ) -> list[tuple[float, int]]:
+    """(position along ``axis``, level) of each level of a body, lowest first: of every part
+    of a merged body, so that a disc lying between its parts (bodies joined around the disc on
+    lateral slices) takes the level between them, not the level above the whole component."""
+    if not body.parts:
+        return [(float(body.centroid @ axis), body.level)]
+    return [(float(_world(affine, voxels.mean(0).astype(float)) @ axis), level)
+            for voxels, level in body.parts]
 
 
 def _assign_discs(chain: list[_Component], axes: list[np.ndarray], sacrum: _Component | None,
@@ -422,10 +429,15 @@ def _assign_discs(chain: list[_Component], axes: list[np.ndarray], sacrum: _Comp
         above = next((chain[j] for j in range(i + 1, len(chain)) if chain[j].cls == BODY), None)
         touch_below = below is not None and _gap(c, below) <= tol
         touch_above = above is not None and _gap(c, above) <= tol
+        up = float(c.centroid @ axes[i])
         if touch_above:
-            c.level = above.level
+            parts = _part_positions(above, axes[i], affine)
+            c.level = min((lv for pos, lv in parts if pos > up), default=parts[0][1])
+        elif below is not None:
+            parts = _part_positions(below, axes[i], affine)
+            c.level = 1 + max((lv for pos, lv in parts if pos < up), default=parts[-1][1])
         else:
-            c.level = (_top_level(below) if below is not None else 0) + 1
+            c.level = 1
         seen[c.level] = seen.get(c.level, 0) + 1
         if below is None or not touch_below:
             if below is None and sacrum is None and not touch_above:
