@@ -8,12 +8,12 @@ Synthetic: ``generate_dataset(seed=999)`` (anatomy seeds never used in training)
 T2w and first mapping image segmented by ``segment_spine`` (network, components, levels) and
 compared per level with the truth, and the disc-mean T2 / T1rho of the true maps over the
 predicted vs the true discs (Bland-Altman; ``--seed 123 --disc-cutoff P`` is how the packaged
-disc cut-off was chosen, on subjects other than the held-out ones; ``--shifted-protocols``: every
-site's TR / TE, spin-lock times and SNR moved away from what training saw). Real (inference only):
-lumbar-fastcleverseg volumes, class Dice within the span of the labelled levels (each set
-labels only some). Timings are wall
-clock of ``segment_spine`` with 2 threads, printed as seconds per image and per slice, with the
-published figure (0.39 s per slice for all discs) as the reference ratio.
+disc cut-off was chosen, on subjects other than the held-out ones; ``--shifted-protocols``:
+every site's TR / TE, spin-lock times and SNR moved away from what training saw). Real
+(inference only): lumbar-fastcleverseg volumes, class Dice within the span of the labelled
+levels (each set labels only some). Timings are wall clock of ``segment_spine`` with 2
+threads, printed as seconds per image and per slice, with the published figure (0.39 s per
+slice for all discs) as the reference ratio.
 """
 
 from __future__ import annotations
