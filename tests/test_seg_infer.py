@@ -183,3 +183,22 @@ def test_segment_interface_passes_the_bids_suffix_as_contrast():
 
     assert _bids_suffix("/d/sub-01/anat/sub-01_acq-fse_echo-1_MESE.nii.gz") == "MESE"
     assert _bids_suffix("sub-01_ses-1_acq-sag_T2w.nii") == "T2w"
+
+
+def test_test_time_spacings_average_the_runs_at_each_pixel_size():
+    """A bundle listing ``test_time_spacings_mm`` runs the network once per pixel size (the
+    network sees each grid) and returns the mean of those runs' probabilities."""
+    affine = grid("RAS", (4.0, 0.8, 0.8), (5, 80, 96))
+    xyz = world(affine, (5, 80, 96))
+    values = (150 + 120 * np.tanh(xyz[..., 2] / 4.0)).astype(np.float32)  # a sharp edge
+    img = nib.Nifti1Image(values, affine)
+    singles = []
+    for spacing in (1.0, 1.5):
+        meta = {**META, "input": {**META["input"], "spacing_mm": spacing}}
+        singles.append(predict_probabilities(img, Pointwise(), meta, normaliser=scale))
+    assert np.abs(singles[0] - singles[1]).max() > 0.01  # the two grids differ at the edge
+    model = Pointwise()
+    meta = {**META, "input": {**META["input"], "test_time_spacings_mm": [1.0, 1.5]}}
+    both = predict_probabilities(img, model, meta, normaliser=scale)
+    np.testing.assert_allclose(both, (singles[0] + singles[1]) / 2, atol=1e-6)
+    assert sorted({x.shape[2] for x in model.seen}) == [64, 80]  # 77 mm of rows, padded to 16

@@ -89,9 +89,12 @@ def _zoom2d(stack: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray
     return out
 
 
-def _network_input(meta: Mapping[str, Any]) -> tuple[float, int, str]:
+def _network_input(meta: Mapping[str, Any]) -> tuple[tuple[float, ...], int, str]:
+    """Pixel sizes the network runs at (``test_time_spacings_mm``, else ``spacing_mm``), the
+    multiple the input is padded to, and the in-plane orientation."""
     spec = meta.get("input", {})
-    return (float(spec.get("spacing_mm", 1.0)), int(spec.get("multiple_of", 1)),
+    spacings = spec.get("test_time_spacings_mm") or [spec.get("spacing_mm", 1.0)]
+    return (tuple(float(s) for s in spacings), int(spec.get("multiple_of", 1)),
             str(spec.get("inplane", DEFAULT_INPLANE)))
 
 
@@ -105,48 +108,36 @@ def predict_probabilities(img: nib.Nifti1Image, model: Any, meta: Mapping[str, A
     logits (N, n_classes, H, W); it runs in batches of ``batch_size`` slices under
     ``torch.inference_mode`` with ``n_threads`` intra-op threads (restored afterwards).
     ``normaliser(slice, meta)`` defaults to the bundle's ``model_io.normalise`` (applied to each
-    resampled 2D slice). Deterministic for a given model and thread count."""
+    resampled 2D slice). A bundle whose ``input`` lists ``test_time_spacings_mm`` is run at each
+    of those pixel sizes and the probabilities averaged on the native grid (test-time scale
+    augmentation: boundaries placed finer than one network pixel). Deterministic for a given
+    model and thread count."""
     import torch
 
     if normaliser is None:
         from spineqprep.segmentation.model_io import normalise as normaliser
     data = image_array(img)
     affine = np.asarray(img.affine, float)
-    spacing_mm, multiple, inplane = _network_input(meta)
-    n_classes = len(meta["classes"])
+    spacings, multiple, inplane = _network_input(meta)
     sag, (row_ax, col_ax), (flip_r, flip_c) = plane_layout(affine, inplane)
     stack = np.transpose(data, (sag, row_ax, col_ax))
     if flip_r:
         stack = stack[:, ::-1]
     if flip_c:
         stack = stack[:, :, ::-1]
+    stack = np.ascontiguousarray(stack)
     zooms = np.linalg.norm(affine[:3, :3], axis=0)
-    h_out, rows = _resample_coords(stack.shape[1], zooms[row_ax], spacing_mm)
-    w_out, cols = _resample_coords(stack.shape[2], zooms[col_ax], spacing_mm)
-    slices = _zoom2d(np.ascontiguousarray(stack), rows, cols)
-    pad_h, pad_w = (-h_out) % multiple, (-w_out) % multiple
-    top, left = pad_h // 2, pad_w // 2
-    batch = np.empty((slices.shape[0], 1, h_out + pad_h, w_out + pad_w), np.float32)
-    for n, plane in enumerate(slices):
-        norm = np.asarray(normaliser(plane, meta), np.float32)
-        batch[n, 0] = np.pad(norm, ((top, pad_h - top), (left, pad_w - left)),
-                             constant_values=float(norm.min()))
-    probs = np.empty((slices.shape[0], h_out, w_out, n_classes), np.float32)
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, int(n_threads)))
+    was_training = model.training
+    model.eval()
     try:
-        was_training = model.training
-        model.eval()
-        with torch.inference_mode():
-            for b in range(0, batch.shape[0], max(1, int(batch_size))):
-                logits = model(torch.from_numpy(batch[b:b + batch_size]))
-                p = torch.softmax(logits.float(), dim=1).numpy()
-                probs[b:b + batch_size] = np.moveaxis(
-                    p[:, :, top:top + h_out, left:left + w_out], 1, -1)
-        model.train(was_training)
+        native = sum(_predict_stack(stack, (zooms[row_ax], zooms[col_ax]), spacing, multiple,
+                                    model, meta, normaliser, batch_size)
+                     for spacing in spacings) / len(spacings)
     finally:
+        model.train(was_training)
         torch.set_num_threads(previous)
-    native = _zoom2d(probs, _native(stack.shape[1], h_out), _native(stack.shape[2], w_out))
     if flip_r:
         native = native[:, ::-1]
     if flip_c:
@@ -155,6 +146,33 @@ def predict_probabilities(img: nib.Nifti1Image, model: Any, meta: Mapping[str, A
     out = np.transpose(native, (*order, 3))
     total = out.sum(-1, keepdims=True)
     return np.ascontiguousarray(out / np.where(total > 0, total, 1.0), dtype=np.float32)
+
+
+def _predict_stack(stack: np.ndarray, zooms: tuple[float, float], spacing_mm: float,
+                   multiple: int, model: Any, meta: Mapping[str, Any],
+                   normaliser: Callable[[np.ndarray, Mapping[str, Any]], np.ndarray],
+                   batch_size: int) -> np.ndarray:
+    """Softmax of ``model`` over the slices of ``stack`` (N, H, W) with pixels ``zooms`` mm,
+    run at ``spacing_mm`` and resampled back: (N, H, W, n_classes)."""
+    import torch
+
+    h_out, rows = _resample_coords(stack.shape[1], zooms[0], spacing_mm)
+    w_out, cols = _resample_coords(stack.shape[2], zooms[1], spacing_mm)
+    slices = _zoom2d(stack, rows, cols)
+    pad_h, pad_w = (-h_out) % multiple, (-w_out) % multiple
+    top, left = pad_h // 2, pad_w // 2
+    batch = np.empty((slices.shape[0], 1, h_out + pad_h, w_out + pad_w), np.float32)
+    for n, plane in enumerate(slices):
+        norm = np.asarray(normaliser(plane, meta), np.float32)
+        batch[n, 0] = np.pad(norm, ((top, pad_h - top), (left, pad_w - left)),
+                             constant_values=float(norm.min()))
+    probs = np.empty((slices.shape[0], h_out, w_out, len(meta["classes"])), np.float32)
+    step = max(1, int(batch_size))
+    with torch.inference_mode():
+        for b in range(0, batch.shape[0], step):
+            p = torch.softmax(model(torch.from_numpy(batch[b:b + step])).float(), dim=1).numpy()
+            probs[b:b + step] = np.moveaxis(p[:, :, top:top + h_out, left:left + w_out], 1, -1)
+    return _zoom2d(probs, _native(stack.shape[1], h_out), _native(stack.shape[2], w_out))
 
 
 def spatial_image(data: np.ndarray, img: nib.Nifti1Image) -> nib.Nifti1Image:
