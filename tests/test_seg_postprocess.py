@@ -202,6 +202,29 @@ def test_l5s1_kept_on_coarse_mapping_grids(truth, case):
             == {}, (case, label, res.flags)
 
 
+def test_small_sacrum_blob_behind_the_column_is_not_the_anchor(truth):
+    """Seen on a 3 mm T2w: a small blob classed as sacrum behind and below the sacrum, with a
+    "disc" and a "body" blob above it, gave the longer chain (those blobs, then the column) and
+    so became the anchor: every level one off. A sacrum under a quarter of the largest is not a
+    candidate."""
+    img = nib.load(next(p for p in _dsegs(truth) if "acq-sag" in p.name))
+    d = np.asarray(img.dataobj).astype(int)
+    xyz = nib.affines.apply_affine(img.affine, np.indices(d.shape).reshape(3, -1).T
+                                   ).reshape(*d.shape, 3)
+    sacrum = xyz[d == 26].mean(0)
+    voxel_mm3 = abs(np.linalg.det(img.affine[:3, :3]))
+    broken = d.copy()
+    # behind and below the sacrum, in a line that leads up to the L5S1 disc
+    for cls, offset, mm3 in ((26, (0, -70, -30), 3600), (124, (0, -55, -12), 500),
+                             (24, (0, -40, 6), 1200)):
+        dist = np.linalg.norm(xyz - (sacrum + offset), axis=-1)
+        blob = (d == 0) & (dist <= np.sort(dist[d == 0])[int(mm3 / voxel_mm3)])
+        assert dist[blob].max() < 15  # inside the field of view
+        broken[blob] = cls
+    res = label_spine(perturbed_probs(broken, np.random.default_rng(6), noise=0.5), img.affine)
+    assert wrong_levels(np.where(d > 0, res.dseg, 0), d) == {}, res.flags
+
+
 def test_min_volume_is_in_mm3_whatever_the_voxel_size():
     for voxel in (0.5, 1.0, 2.0):
         affine = np.diag([voxel, voxel, voxel, 1.0])

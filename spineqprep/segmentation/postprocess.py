@@ -307,12 +307,16 @@ def _anchor_first(sacra: list[_Component], others: list[_Component], up: np.ndar
                   ) -> list[_Component]:
     """The sacrum components with the anchor first: of the three largest, the one whose chain
     upwards takes in the most bodies and discs (then the most inferior), so that a spurious
-    "sacrum" higher up the column (seen on real images) cannot cut the column in two."""
+    "sacrum" higher up the column (seen on real images) cannot cut the column in two. A
+    candidate under SACRUM_FRAGMENT of the largest is a misread blob, not a sacrum: off the
+    column it can chain through other blobs into the column and win (seen on a 3 mm T2w)."""
     def score(i: int) -> tuple[int, float]:
         first = _first_step(sacra[i], others, up)
         return len(_chain(sacra[i].centroid, up, others, first)), -float(sacra[i].centroid @ up)
 
-    best = max(range(min(3, len(sacra))), key=score)
+    candidates = [i for i in range(min(3, len(sacra)))
+                  if len(sacra[i].points) >= SACRUM_FRAGMENT * len(sacra[0].points)]
+    best = max(candidates, key=score)
     return [sacra[best], *sacra[:best], *sacra[best + 1:]]
 
 
