@@ -134,7 +134,7 @@ def real(bundle) -> pd.DataFrame:
             else ((labels > 0) & (labels < 100)) | ((labels >= 1000) & (labels < 1100))
         span = np.flatnonzero((truth > 0).any(axis=(1, 2)))
         lo, hi = max(span.min() - 5, 0), span.max() + 6
-        rows.append({"set": label_set.prefix, "case": case, "class": kind,
+        rows.append({"set": label_set.prefix, "case": case, "class": kind, "level": None,
                      "dice": dice(pred[lo:hi], truth[lo:hi] > 0)})
         # sets whose labels name the level (IVD: L5S1 ... L1L2, VB3: L1 ... L5): per level,
         # which also checks the level labels
@@ -187,14 +187,12 @@ def main() -> None:
         return
     if REAL.is_dir():
         table = real(bundle)
-        whole = table[table["level"].isna()] if "level" in table else table
         print("\n## real (lumbar-fastcleverseg, held-out cases): Dice per case")
-        print(whole.groupby(["set", "class"])["dice"].agg(["mean", "min", "count"])
-              .round(3).to_string())
-        if "level" in table:
-            print("\nper level (sets that name the levels)")
-            print(table.dropna(subset=["level"]).groupby(["set", "level"])["dice"]
-                  .agg(["mean", "min", "count"]).round(3).to_string())
+        print(table[table["level"].isna()].groupby(["set", "class"])["dice"]
+              .agg(["mean", "min", "count"]).round(3).to_string())
+        print("\nper level (sets that name the levels)")
+        print(table.dropna(subset=["level"]).groupby(["set", "level"])["dice"]
+              .agg(["mean", "min", "count"]).round(3).to_string())
     else:
         print("\n(real data absent: ../shared/data/lumbar-fastcleverseg)")
 
