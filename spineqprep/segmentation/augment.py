@@ -14,7 +14,11 @@ import numpy as np
 from scipy import ndimage
 
 #: In-plane acquisition spacing (mm) simulated before resampling to the network's grid.
-SPACING_RANGE_MM = (0.6, 3.2)
+SPACING_RANGE_MM = (0.6, 4.0)
+#: Width of the simulated point-spread function (Gaussian sigma, in acquired pixels), drawn
+#: per sample: 0 is point sampling (sharp, aliased edges), 0.42 the Gaussian closest to a box
+#: one pixel wide, more is a smoother reconstruction.
+PSF_SIGMA_RANGE = (0.0, 0.5)
 #: Signal-to-noise ratio of the brightest tissue, simulated range.
 SNR_RANGE = (6.0, 60.0)
 #: Pixels whose target is unknown (cut by a simulated field of view edge) carry this label and
@@ -83,9 +87,11 @@ def bias_field(rng: np.random.Generator, shape: tuple[int, int], strength: float
 
 
 def degrade(rng: np.random.Generator, image: np.ndarray, spacing_mm: float,
-            spacing_range_mm: tuple[float, float] = SPACING_RANGE_MM) -> np.ndarray:
+            spacing_range_mm: tuple[float, float] = SPACING_RANGE_MM,
+            psf_sigma_range: tuple[float, float] = PSF_SIGMA_RANGE) -> np.ndarray:
     """Simulate an acquisition of ``image`` (on a grid of ``spacing_mm``): bias field, lower
-    in-plane resolution (blur + resample to a random spacing per axis in ``spacing_range_mm``),
+    in-plane resolution (blur by a point-spread function of random width in
+    ``psf_sigma_range``, then resampling to a random spacing per axis in ``spacing_range_mm``),
     Rician noise at a random SNR on that grid, resampling back, and a random gamma."""
     shape = image.shape
     image = image * bias_field(rng, shape)
@@ -93,7 +99,7 @@ def degrade(rng: np.random.Generator, image: np.ndarray, spacing_mm: float,
     image = image / top
     spacing = rng.uniform(*spacing_range_mm, 2)
     factors = np.clip(spacing_mm / spacing, None, 1.0)  # < 1: coarser than the network grid
-    sigma = 0.42 / factors * (factors < 1)
+    sigma = rng.uniform(*psf_sigma_range) / factors * (factors < 1)
     low = ndimage.gaussian_filter(image, sigma) if (factors < 1).any() else image
     low = ndimage.zoom(low, factors, order=1)
     noise = 1.0 / rng.uniform(*SNR_RANGE)

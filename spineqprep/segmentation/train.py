@@ -22,7 +22,7 @@ from scipy import ndimage
 from torch import nn
 
 from spineqprep.metrics import dice
-from spineqprep.segmentation import model_io, trainset
+from spineqprep.segmentation import augment, model_io, trainset
 from spineqprep.segmentation.network import build_network, count_parameters
 
 #: Subjects and slices of the default synthetic bank, and of the held-out evaluation bank
@@ -240,7 +240,10 @@ def train_spine(out: str | Path, steps: int, seed: int = 0, threads: int = 2,
                      "augmentation": "SynthSeg-style random contrast per tissue label (70 %) "
                                      "or generator contrasts T1w/T2w/PD/T2-prep (30 %), "
                                      "partial volume over 3-6 mm slices, bias, gamma, "
-                                     "0.6-3.2 mm in-plane resolution, Rician SNR 6-60, "
+                                     f"{augment.SPACING_RANGE_MM[0]}-"
+                                     f"{augment.SPACING_RANGE_MM[1]} mm in-plane resolution "
+                                     f"(point-spread sigma {augment.PSF_SIGMA_RANGE[0]}-"
+                                     f"{augment.PSF_SIGMA_RANGE[1]} px), Rician SNR 6-60, "
                                      "affine + elastic deformation, FOV cuts",
                      "init": str(init) if init else None,
                      "seconds": round(time.perf_counter() - start, 1)},
