@@ -225,6 +225,31 @@ def test_small_sacrum_blob_behind_the_column_is_not_the_anchor(truth):
     assert wrong_levels(np.where(d > 0, res.dseg, 0), d) == {}, res.flags
 
 
+def test_sacrum_blob_off_the_column_leaves_levels_generic_not_the_column_dropped(truth):
+    """Seen on a real T1w: the true sacrum was missed and a small "sacrum" in front of the
+    column became the anchor; the chain from it took one body, and the other 17 components
+    were removed as off the column. A sacrum whose column holds under half of what a chain from
+    the lowest component holds is not the anchor: the column is kept with generic levels."""
+    img = nib.load(next(p for p in _dsegs(truth) if "acq-sag" in p.name))
+    d = np.asarray(img.dataobj).astype(int)
+    xyz = nib.affines.apply_affine(img.affine, np.indices(d.shape).reshape(3, -1).T
+                                   ).reshape(*d.shape, 3)
+    broken = np.where(d == 26, 0, d)  # the network missed the sacrum
+    centre = xyz[d == 22].mean(0) + np.array([0.0, 70.0, -10.0])  # in front of L3
+    dist = np.linalg.norm(xyz - centre, axis=-1)
+    blob = (d == 0) & (dist <= 9.0)
+    assert blob.sum() * abs(np.linalg.det(img.affine[:3, :3])) > 1000  # above the size limit
+    broken[blob] = 26
+    res = label_spine(perturbed_probs(broken, np.random.default_rng(3), noise=0.5),
+                      img.affine)
+    assert not res.confident
+    assert any("not at the lower end" in f for f in res.flags), res.flags
+    assert all(v >= GENERIC_BODY for v in res.levels.values()), res.levels
+    column = (broken > 0) & (broken != 26)
+    assert (res.dseg[column] > 0).mean() > 0.9  # the column is kept
+    assert not res.dseg[blob].any()
+
+
 def test_min_volume_is_in_mm3_whatever_the_voxel_size():
     for voxel in (0.5, 1.0, 2.0):
         affine = np.diag([voxel, voxel, voxel, 1.0])
