@@ -243,21 +243,20 @@ def label_spine(probs: np.ndarray, affine: np.ndarray, *, classes: Sequence[str]
                            ["no vertebral body or disc found"], False)
     up = np.array([0.0, 0.0, 1.0])
     lowest = int(np.argmin([c.centroid @ up for c in others]))
-    free_start = others[lowest].centroid - 5.0 * up
+    start = others[lowest].centroid - 5.0 * up  # the chain without a sacrum
+    order = _chain(start, up, others, lowest)
     if anchored:  # the first step: normally the L5S1 disc, see _first_step
         sacra = _anchor_first(sacra, others, up)
-        start = sacra[0].centroid
-        order = _chain(start, up, others, _first_step(sacra[0], others, up))
-        free = _chain(free_start, up, others, lowest)
-        if _volume(others, order) < COLUMN_SHARE * _volume(others, free):
+        from_sacrum = _chain(sacra[0].centroid, up, others, _first_step(sacra[0], others, up))
+        if _volume(others, from_sacrum) >= COLUMN_SHARE * _volume(others, order):
+            start, order = sacra[0].centroid, from_sacrum
+        else:
             anchored = False
             flags.append("the sacrum found is not at the lower end of the spinal column: "
                          "vertebral levels left unlabelled (generic indices)")
-            start, order = free_start, free
     else:
         flags.append("no sacrum in the field of view: vertebral levels left unlabelled "
                      "(generic indices)")
-        start, order = free_start, _chain(free_start, up, others, lowest)
     chain = [others[i] for i in order]
     # small sacrum-class pieces besides the anchor are misread bits of bone, not a sacrum
     stray = [c for c in sacra[1:] if len(c.points) < SACRUM_FRAGMENT * len(sacra[0].points)]
