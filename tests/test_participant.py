@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -459,3 +462,27 @@ def test_endplates_on_every_ute_series(synth, processed) -> None:
     assert np.median(scores) >= 0.6, scores
     assert len(pred_ms) >= 18
     assert abs(np.mean(np.subtract(pred_ms, true_ms))) < 1.5
+
+
+def test_app_runs_in_a_process_that_has_run_torch(tmp_path) -> None:
+    """Called from a process whose torch thread pool has run (a notebook, a test session):
+    the workflow's workers start from a forkserver. Forked from such a process, the first
+    worker to load the network hung for ever (seen when this suite ran in another order)."""
+    res = generate_dataset(tmp_path / "bids", n_subjects=1, n_sites=1, seed=5, size="small")
+    args = [str(res.raw_dir), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"),
+            "--no-registration", "--nprocs", "2"]
+    script = ("import sys, torch\n"
+              "torch.set_num_threads(2)\n"
+              "(torch.rand(4_000_000) * 2).sum(); torch.ones(512, 512) @ torch.ones(512, 512)\n"
+              "from spineqprep.cli.run import main\n"
+              f"sys.exit(main({args!r}))\n")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(repo), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=900, env=env)  # a hang fails here, not the whole suite
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    anat = tmp_path / "out" / "sub-01" / "anat"
+    for name in ("sub-01_acq-sag_dseg.nii.gz", "sub-01_acq-mapss_dseg.nii.gz",
+                 "sub-01_acq-mapss_T2map.nii.gz"):
+        assert (anat / name).is_file(), name

@@ -219,13 +219,16 @@ def _run_workflow(config: RunConfig, wf, subjects: list[str]) -> dict[str, list[
         "remove_unnecessary_outputs": False,
         "poll_sleep_duration": 0.2,  # Nipype's default of 2 s idles the scheduler
     })
+    # workers start from a clean forkserver, as in fMRIPrep: a worker forked from a process
+    # that has run torch's OpenMP pool (a notebook, a test session) hangs on its first tensor
     plugin_args = {"n_procs": config.nprocs, "raise_insufficient": False,
-                   "status_callback": _Progress(wf), **config.plugin_args}
+                   "mp_context": "forkserver", "status_callback": _Progress(wf),
+                   **config.plugin_args}
     if config.mem_mb:
         plugin_args.setdefault("memory_gb", config.mem_mb / 1024)
     if config.plugin != "MultiProc":
         plugin_args = {k: v for k, v in plugin_args.items()
-                       if k not in {"n_procs", "memory_gb", "raise_insufficient"}}
+                       if k not in {"n_procs", "memory_gb", "raise_insufficient", "mp_context"}}
     LOG.info("running %d subject(s) with the %s plugin", len(subjects), config.plugin)
     try:
         wf.run(plugin=config.plugin, plugin_args=plugin_args)
