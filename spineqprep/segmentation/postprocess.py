@@ -121,10 +121,11 @@ def _components(cmap: np.ndarray, affine: np.ndarray, classes: Sequence[str],
             continue
         labels, _ = ndimage.label(cmap == i, structure)
         for j, sl in enumerate(ndimage.find_objects(labels), start=1):
-            if np.count_nonzero(labels[sl] == j) * voxel_mm3 < min_volume[cls]:
+            mask = labels[sl] == j
+            if np.count_nonzero(mask) * voxel_mm3 < min_volume[cls]:
                 continue
-            pieces = split_joined_bodies(labels[sl] == j, affine, min_volume[cls]) \
-                if cls == BODY else [np.argwhere(labels[sl] == j)]
+            pieces = split_joined_bodies(mask, affine, min_volume[cls]) if cls == BODY \
+                else [np.argwhere(mask)]
             for local in pieces:
                 voxels = local + np.array([s.start for s in sl])
                 points = _world(affine, voxels.astype(float))
@@ -151,7 +152,7 @@ def split_joined_bodies(mask: np.ndarray, affine: np.ndarray, min_volume_mm3: fl
     (a vein, a lesion) stays whole."""
     zooms = np.linalg.norm(affine[:3, :3], axis=0)
     depth = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=zooms)[1:-1, 1:-1, 1:-1]
-    cores, n = ndimage.label(depth >= CORE_SHARE * depth.max())
+    cores = ndimage.label(depth >= CORE_SHARE * depth.max())[0]
     sizes = np.bincount(cores.ravel())[1:]
     kept = np.flatnonzero(sizes >= CORE_SHARE * sizes.max()) + 1  # specks are no cores
     cores = np.where(np.isin(cores, kept), np.searchsorted(kept, cores) + 1, 0)
