@@ -126,8 +126,9 @@ def _components(cmap: np.ndarray, affine: np.ndarray, classes: Sequence[str],
                 continue
             pieces = split_joined_bodies(mask, affine, min_volume[cls]) if cls == BODY \
                 else [np.argwhere(mask)]
+            corner = np.array([s.start for s in sl])
             for local in pieces:
-                voxels = local + np.array([s.start for s in sl])
+                voxels = local + corner
                 points = _world(affine, voxels.astype(float))
                 border = any(voxels[:, a].min() == 0 or voxels[:, a].max() == cmap.shape[a] - 1
                              for a in inplane)
@@ -155,19 +156,18 @@ def split_joined_bodies(mask: np.ndarray, affine: np.ndarray, min_volume_mm3: fl
     cores = ndimage.label(depth >= CORE_SHARE * depth.max())[0]
     sizes = np.bincount(cores.ravel())[1:]
     kept = np.flatnonzero(sizes >= CORE_SHARE * sizes.max()) + 1  # specks are no cores
-    cores = np.where(np.isin(cores, kept), np.searchsorted(kept, cores) + 1, 0)
-    n = len(kept)
+    cores = np.where(np.isin(cores, kept), cores, 0)
     voxels = np.argwhere(mask)
-    if n < 2:
+    if len(kept) < 2:
         return [voxels]
-    centres = np.array(ndimage.center_of_mass(mask, cores, range(1, n + 1))) * zooms
+    centres = np.array(ndimage.center_of_mass(mask, cores, kept)) * zooms
     if min(np.linalg.norm(a - b) for k, a in enumerate(centres) for b in centres[k + 1:]) \
             < PLAUSIBLE_SPACING_MM[0]:
         return [voxels]
     core_voxels = np.argwhere(cores > 0)
     nearest = cKDTree(core_voxels * zooms).query(voxels * zooms)[1]
     owner = cores[tuple(core_voxels[nearest].T)]
-    parts = [voxels[owner == k] for k in range(1, n + 1)]
+    parts = [voxels[owner == k] for k in kept]
     voxel_mm3 = float(np.prod(zooms))
     if min(len(p) for p in parts) * voxel_mm3 < min_volume_mm3:
         return [voxels]
