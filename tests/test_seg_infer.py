@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from spineqprep.segmentation import segment_spine
-from spineqprep.segmentation.infer import plane_layout, predict_probabilities
+from spineqprep.segmentation.infer import inplane_pixel_mm, plane_layout, predict_probabilities
 from spineqprep.synth.anatomy import rotation_matrix
 
 META = {"classes": ["background", "vertebral_body", "sacrum", "disc"],
@@ -175,6 +175,14 @@ def test_segment_spine_with_stand_in_bundle(tmp_path, monkeypatch):
     assert np.array_equal(np.asarray(t2w.dseg_img.dataobj), pred)
     mese = segment_spine(img, bundle=per_contrast, contrast="MESE")
     assert not (np.asarray(mese.dseg_img.dataobj) > 100).any()
+    # pixels coarser than the bundle's validated grid are flagged; the segmentation is the same
+    pixel = inplane_pixel_mm(img.affine)
+    assert 3.0 < pixel < 3.6 and not any("validated" in f for f in out.flags)
+    for limit, flagged in ((2.0, True), (4.0, False)):
+        seg = segment_spine(img, bundle=(Coder(), {**META, "validated_max_pixel_mm": limit}))
+        assert any(f"coarser than the {limit} mm" in f for f in seg.flags) is flagged
+        assert np.array_equal(np.asarray(seg.dseg_img.dataobj), pred)
+        assert seg.confident == out.confident
 
 
 def test_segment_interface_passes_the_bids_suffix_as_contrast():
@@ -202,3 +210,12 @@ def test_test_time_spacings_average_the_runs_at_each_pixel_size():
     both = predict_probabilities(img, model, meta, normaliser=scale)
     np.testing.assert_allclose(both, (singles[0] + singles[1]) / 2, atol=1e-6)
     assert sorted({x.shape[2] for x in model.seen}) == [64, 80]  # 77 mm of rows, padded to 16
+
+
+@pytest.mark.parametrize("codes", ["RAS", "PSR", "AIL"])
+def test_inplane_pixel_is_the_larger_pixel_of_the_sagittal_plane(codes):
+    """Whatever the axis order and a 10 degree obliquity, the slice thickness (along left-right)
+    is left out."""
+    zooms = {"R": 4.5, "L": 4.5, "A": 0.8, "P": 0.8, "S": 1.2, "I": 1.2}
+    affine = grid(codes, tuple(zooms[c] for c in codes), (8, 8, 8), oblique=(10.0, 0.0, 5.0))
+    assert inplane_pixel_mm(affine) == pytest.approx(1.2)

@@ -16,7 +16,12 @@ from typing import Any
 
 import nibabel as nib
 
-from spineqprep.segmentation.infer import predict_probabilities, sagittal_axis, spatial_image
+from spineqprep.segmentation.infer import (
+    inplane_pixel_mm,
+    predict_probabilities,
+    sagittal_axis,
+    spatial_image,
+)
 from spineqprep.segmentation.postprocess import CLASSES, SpineLabels, label_spine, label_table
 
 
@@ -44,7 +49,9 @@ def segment_spine(img: nib.Nifti1Image, *,
     file, or an already loaded ``(model, meta)`` pair; ``cutoffs`` / ``min_volume_mm3``: per
     structure (``vertebral_body``, ``sacrum``, ``disc``); cut-offs default to the bundle's
     ``cutoffs`` (``model.json``), else 0.5, and for an image of ``contrast`` (its BIDS suffix:
-    T1w, T2w, MESE, MESL) to the bundle's ``cutoffs_by_contrast`` for it."""
+    T1w, T2w, MESE, MESL) to the bundle's ``cutoffs_by_contrast`` for it. An image whose
+    in-plane pixels are coarser than the bundle's ``validated_max_pixel_mm`` (the coarsest grid
+    on which its model card shows the accuracy bar met) is flagged, not refused."""
     if bundle is None or isinstance(bundle, str | Path):
         from spineqprep.segmentation.model_io import load_bundle
 
@@ -60,10 +67,15 @@ def segment_spine(img: nib.Nifti1Image, *,
     labels: SpineLabels = label_spine(probs, img.affine, classes=classes, cutoffs=cutoffs,
                                       min_volume_mm3=min_volume_mm3,
                                       slice_axis=sagittal_axis(img.affine))
+    flags = list(labels.flags)
+    pixel, validated = inplane_pixel_mm(img.affine), meta.get("validated_max_pixel_mm")
+    if validated is not None and pixel > float(validated):
+        flags.append(f"in-plane pixels of {pixel:.2f} mm are coarser than the {validated} mm "
+                     "this network was validated on (model card): expect lower Dice")
     return SpineSegmentation(
         dseg_img=spatial_image(labels.dseg, img),
         probseg_img=spatial_image(probs, img),
-        levels=labels.levels, flags=labels.flags, confident=labels.confident, classes=classes)
+        levels=labels.levels, flags=flags, confident=labels.confident, classes=classes)
 
 
 __all__ = ["SpineLabels", "SpineSegmentation", "label_spine", "label_table",
