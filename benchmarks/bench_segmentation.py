@@ -2,14 +2,17 @@
 real labelled data when ../shared/data/lumbar-fastcleverseg is present.
 
     python benchmarks/bench_segmentation.py [--bundle DIR] [--subjects 4] [--size small]
-        [--seed 999] [--disc-cutoff P] [--no-real] [--shifted-protocols]
+        [--seed 999] [--disc-cutoff P] [--no-real] [--shifted-protocols] [--pixel-scale F]
 
 Synthetic: ``generate_dataset(seed=999)`` (anatomy seeds never used in training), every T1w,
 T2w and first mapping image segmented by ``segment_spine`` (network, components, levels) and
 compared per level with the truth, and the disc-mean T2 / T1rho of the true maps over the
 predicted vs the true discs (Bland-Altman; ``--seed 123 --disc-cutoff P`` is how the packaged
 disc cut-off was chosen, on subjects other than the held-out ones; ``--shifted-protocols``:
-every site's TR / TE, spin-lock times and SNR moved away from what training saw). Real
+every site's TR / TE, spin-lock times and SNR moved away from what training saw;
+``--pixel-scale F``: every grid's in-plane pixels F times coarser, fields of view and slices
+unchanged, which is how the bundle's ``validated_max_pixel_mm`` is measured between the sizes).
+Real
 (inference only): lumbar-fastcleverseg volumes, class Dice within the span of the labelled
 levels (each set labels only some), and Dice per level where a set names its levels (IVD
 discs, VB3 bodies). Timings are wall clock of ``segment_spine`` with 2
@@ -144,6 +147,21 @@ def real(bundle) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def coarser_pixels(sites: tuple[protocols.SiteProtocol, ...], factor: float
+                   ) -> tuple[protocols.SiteProtocol, ...]:
+    """``sites`` with every grid's in-plane matrix divided by ``factor`` (pixels ``factor``
+    times coarser over the same field of view; slices unchanged)."""
+
+    def grid(g: protocols.Grid) -> protocols.Grid:
+        return replace(g, matrix={size: (round(n_si / factor), round(n_ap / factor), n_lr)
+                                  for size, (n_si, n_ap, n_lr) in g.matrix.items()})
+
+    return tuple(replace(site, structural_grid=grid(site.structural_grid),
+                         acquisitions=tuple(replace(a, grid=grid(a.grid))
+                                            for a in site.acquisitions))
+                 for site in sites)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", default=None, help="model bundle (default: packaged)")
@@ -155,9 +173,13 @@ def main() -> None:
     parser.add_argument("--no-real", action="store_true", help="skip the real data")
     parser.add_argument("--shifted-protocols", action="store_true",
                         help="TR / TE / spin-lock times and SNR unlike training's and the sites'")
+    parser.add_argument("--pixel-scale", type=float, default=1.0, metavar="F",
+                        help="in-plane pixels F times coarser than the size's (default 1)")
     args = parser.parse_args()
     if args.shifted_protocols:
         protocols.PROTOCOLS = shifted_protocols()
+    if args.pixel_scale != 1.0:
+        protocols.PROTOCOLS = coarser_pixels(protocols.PROTOCOLS, args.pixel_scale)
     bundle = load_bundle(args.bundle)
     cutoffs = None if args.disc_cutoff is None else {"disc": args.disc_cutoff}
     table = synthetic(bundle, args.subjects, args.size, args.seed, cutoffs)
