@@ -12,10 +12,9 @@ disc cut-off was chosen, on subjects other than the held-out ones; ``--shifted-p
 every site's TR / TE, spin-lock times and SNR moved away from what training saw;
 ``--pixel-scale F``: every grid's in-plane pixels F times coarser, fields of view and slices
 unchanged, which is how the bundle's ``validated_max_pixel_mm`` is measured between the sizes).
-Real
-(inference only): lumbar-fastcleverseg volumes, class Dice within the span of the labelled
-levels (each set labels only some), and Dice per level where a set names its levels (IVD
-discs, VB3 bodies). Timings are wall clock of ``segment_spine`` with 2
+Real (inference only): lumbar-fastcleverseg volumes, class Dice within the span of the
+labelled levels (each set labels only some), and Dice per level where a set names its levels
+(IVD discs, VB3 bodies). Timings are wall clock of ``segment_spine`` with 2
 threads, printed as seconds per image and per slice, with the published figure (0.39 s per
 slice for all discs) as the reference ratio.
 """
