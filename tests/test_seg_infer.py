@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from spineqprep.segmentation import segment_spine
-from spineqprep.segmentation.infer import inplane_pixel_mm, plane_layout, predict_probabilities
+from spineqprep.segmentation.infer import plane_layout, predict_probabilities
+from spineqprep.segmentation.postprocess import inplane_spacing
 from spineqprep.synth.anatomy import rotation_matrix
 
 META = {"classes": ["background", "vertebral_body", "sacrum", "disc"],
@@ -176,7 +177,7 @@ def test_segment_spine_with_stand_in_bundle(tmp_path, monkeypatch):
     mese = segment_spine(img, bundle=per_contrast, contrast="MESE")
     assert not (np.asarray(mese.dseg_img.dataobj) > 100).any()
     # pixels coarser than the bundle's validated grid are flagged; the segmentation is the same
-    pixel = inplane_pixel_mm(img.affine)
+    pixel = inplane_spacing(img.affine)
     assert 3.0 < pixel < 3.6 and not any("validated" in f for f in out.flags)
     for limit, flagged in ((2.0, True), (4.0, False)):
         seg = segment_spine(img, bundle=(Coder(), {**META, "validated_max_pixel_mm": limit}))
@@ -218,4 +219,4 @@ def test_inplane_pixel_is_the_larger_pixel_of_the_sagittal_plane(codes):
     is left out."""
     zooms = {"R": 4.5, "L": 4.5, "A": 0.8, "P": 0.8, "S": 1.2, "I": 1.2}
     affine = grid(codes, tuple(zooms[c] for c in codes), (8, 8, 8), oblique=(10.0, 0.0, 5.0))
-    assert inplane_pixel_mm(affine) == pytest.approx(1.2)
+    assert inplane_spacing(affine) == pytest.approx(1.2)

@@ -16,13 +16,14 @@ from typing import Any
 
 import nibabel as nib
 
-from spineqprep.segmentation.infer import (
-    inplane_pixel_mm,
-    predict_probabilities,
-    sagittal_axis,
-    spatial_image,
+from spineqprep.segmentation.infer import predict_probabilities, sagittal_axis, spatial_image
+from spineqprep.segmentation.postprocess import (
+    CLASSES,
+    SpineLabels,
+    inplane_spacing,
+    label_spine,
+    label_table,
 )
-from spineqprep.segmentation.postprocess import CLASSES, SpineLabels, label_spine, label_table
 
 
 @dataclass
@@ -68,7 +69,7 @@ def segment_spine(img: nib.Nifti1Image, *,
                                       min_volume_mm3=min_volume_mm3,
                                       slice_axis=sagittal_axis(img.affine))
     flags = list(labels.flags)
-    pixel, validated = inplane_pixel_mm(img.affine), meta.get("validated_max_pixel_mm")
+    pixel, validated = inplane_spacing(img.affine), meta.get("validated_max_pixel_mm")
     if validated is not None and pixel > float(validated):
         flags.append(f"in-plane pixels of {pixel:.2f} mm are coarser than the {validated} mm "
                      "this network was validated on (model card): expect lower Dice")

@@ -30,12 +30,6 @@ def sagittal_axis(affine: np.ndarray) -> int:
     return int(np.argmax(np.abs(cols[0]) / np.linalg.norm(cols, axis=0)))
 
 
-def inplane_pixel_mm(affine: np.ndarray) -> float:
-    """The larger in-plane pixel size (mm) of the sagittal slices of a grid."""
-    zooms = np.linalg.norm(np.asarray(affine, float)[:3, :3], axis=0)
-    return float(np.delete(zooms, sagittal_axis(affine)).max())
-
-
 def image_array(img: nib.Nifti1Image) -> np.ndarray:
     """The image as float32 (X, Y, Z): the first volume of a 4-D series, a trailing axis of
     length 1 added to a 2-D image."""

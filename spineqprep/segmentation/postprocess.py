@@ -423,7 +423,7 @@ def _assign_levels(chain: list[_Component], sacrum: _Component | None, start: np
             not PLAUSIBLE_SPACING_MM[0] <= spacing <= PLAUSIBLE_SPACING_MM[1]:
         flags.append(f"implausible vertebral spacing {spacing:.0f} mm")
     name = vertebra_name if sacrum is not None else (lambda k: f"vertebra {k}")
-    spacing_in = inplane_spacing(affine, shape)
+    spacing_in = inplane_spacing(affine)
     tol = max(3.0, 2.0 * spacing_in)
     level, prev_pos = 0, -1
     for b_i, (pos, body) in enumerate(zip(body_idx, bodies, strict=True)):
@@ -459,7 +459,7 @@ def _assign_levels(chain: list[_Component], sacrum: _Component | None, start: np
     _assign_discs(chain, axes, sacrum, affine, shape, tol, gap, spacing, name, flags)
 
 
-def inplane_spacing(affine: np.ndarray, shape: Sequence[int]) -> float:
+def inplane_spacing(affine: np.ndarray) -> float:
     """Largest voxel size (mm) in the sagittal plane of the grid."""
     cols = np.asarray(affine, float)[:3, :3]
     norms = np.linalg.norm(cols, axis=0)
