@@ -33,7 +33,7 @@ def _name(img: Image, names: Sequence[str] | None, i: int) -> str:
     return img.get_filename() or f"image #{i + 1}"
 
 
-def _load(item: Image | str | Path, name: str | None) -> Image:
+def load_image(item: Image | str | Path, name: str | None) -> Image:
     """An image as given, or loaded (lazily) from a path."""
     if isinstance(item, Image):
         return item
@@ -64,7 +64,7 @@ def _frames(img: Image, name: str) -> int:
     )
 
 
-def _read(img: Image, name: str) -> np.ndarray:
+def read_image(img: Image, name: str) -> np.ndarray:
     """Scaled float32 data; a truncated or corrupt file becomes an InputError."""
     try:
         return np.asanyarray(img.get_fdata(dtype=np.float32))
@@ -96,7 +96,7 @@ def fit_images(
     if not images:
         raise InputError("no images given", fix="pass one image per echo / spin-lock time")
     images = [
-        _load(item, None if names is None or i >= len(names) else str(names[i]))
+        load_image(item, None if names is None or i >= len(names) else str(names[i]))
         for i, item in enumerate(images)
     ]
     ref = images[0]
@@ -128,7 +128,7 @@ def fit_images(
     signal = np.empty((*grid, n_frames), dtype=np.float32)
     k = 0
     for i, img in enumerate(images):
-        data = _read(img, _name(img, names, i))
+        data = read_image(img, _name(img, names, i))
         data = data.reshape(*grid, -1)
         signal[..., k : k + data.shape[-1]] = data
         k += data.shape[-1]
