@@ -108,3 +108,44 @@ def test_cutoffs_per_structure(raw: Path, tmp_path: Path) -> None:
                          ("disc=1.5", "between 0 and 1")):
         with pytest.raises(UsageError, match=message):
             parse_args([str(raw), str(tmp_path / "out"), "participant", "--cutoff", bad])
+
+
+PACKAGED = Path(__file__).resolve().parents[1] / "spineqprep" / "data"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--seg-weights", "/nonexistent"], ["--seg-weights", "/nonexistent", "no such bundle"]),
+    (["--cep-weights", "/nonexistent"], ["--cep-weights", "/nonexistent", "no such bundle"]),
+    (["--seg-weights", str(PACKAGED / "models" / "endplates")],
+     ["--seg-weights", "'endplates' network", "--cep-weights"]),
+    (["--cep-weights", str(PACKAGED / "models" / "spine")],
+     ["--cep-weights", "'spine' network", "--seg-weights"]),
+    (["--atlas", "/nonexistent"], ["--atlas", "/nonexistent", "does not exist"]),
+    (["--registration-params", "/nonexistent.txt"],
+     ["--registration-params", "/nonexistent.txt", "not found"]),
+    (["--registration-backend", "ants", "--registration-params",
+      str(PACKAGED / "registration" / "elastix_affine.txt")],
+     ["--registration-params", "backend 'ants' takes none"]),
+])
+def test_wrong_models_atlas_or_registration_files_stop_before_any_work(
+        raw: Path, tmp_path: Path, capsys, args: list[str], words: list[str]) -> None:
+    """A wrong --seg-weights / --cep-weights / --atlas / --registration-params is refused when
+    the command line is read: one message naming the option, the file and the fix, exit 2, no
+    output written (inside the workflow it failed every subject after fitting its maps)."""
+    code = main([str(raw), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"),
+                 *args])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "fix:" in err
+    assert all(word in err for word in words), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_options_of_skipped_steps_are_not_checked(raw: Path, tmp_path: Path) -> None:
+    """--atlas is only read by the registration and the bundles only by the segmentation."""
+    from spineqprep.cli.run import check_options
+
+    check_options(parse_args([str(raw), str(tmp_path / "o"), "participant", "--no-registration",
+                              "--atlas", "/nonexistent"]))
+    check_options(parse_args([str(raw), str(tmp_path / "o"), "participant",
+                              "--no-segmentation", "--seg-weights", "/nonexistent"]))
+    check_options(parse_args([str(raw), str(tmp_path / "o"), "participant"]))  # the packaged

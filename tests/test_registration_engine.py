@@ -234,6 +234,20 @@ def test_errors_and_failed_discs(tmp_path, elastix2d):
         apply_transform(transform, case["map"], case["atlas"])
 
 
+def test_slice_far_off_the_atlas_plane_fails_its_disc_only(tmp_path):
+    """A single slice 45 degrees off the atlas plane cannot be registered in 2D: that disc
+    fails its quality check with the reason recorded and no files, instead of an exception
+    that stopped every other disc of the grid."""
+    case = make_case(True)
+    turn = np.eye(4)
+    turn[:3, :3] = _rotation([0, 0, 45])  # about the superior-inferior axis
+    tilted = nib.Nifti1Image(np.asarray(case["mask"].dataobj), turn @ case["mask"].affine)
+    transform, quality = register_disc(tilted, case["atlas"], tmp_path)
+    assert not quality.passed and transform.files == ()
+    assert "45 degrees away from the atlas slice plane" in quality.reason
+    assert "fix:" in quality.reason
+
+
 def test_quality_figures():
     atlas = np.zeros((10, 10), bool)
     atlas[2:8, 2:8] = True

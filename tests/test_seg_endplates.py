@@ -3,6 +3,10 @@ packaged network on held-out synthetic UTE images (crop found through the L5 cen
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -107,3 +111,23 @@ def test_missing_l5_is_flagged_not_fatal(held_out) -> None:
     seg = ep.segment_endplates(ute, empty)
     assert not np.asarray(seg.dseg_img.dataobj).any()
     assert any("L5" in f for f in seg.flags) and set(seg.found.values()) == {0}
+
+
+def test_finetuned_endplate_bundle_keeps_the_cutoffs_of_its_init(tmp_path) -> None:
+    """Fine-tuning keeps the --init bundle's cut-offs (they were reset to the published ones)
+    and test-time pixel sizes, and a cut-off given when training wins; the validated pixel
+    limit of the init weights is not carried over."""
+    init = tmp_path / "init"
+    shutil.copytree(Path(ep.__file__).parents[1] / "data" / "models" / "endplates", init)
+    meta = json.loads((init / "model.json").read_text())
+    meta["cutoffs"]["L5S1_inferior"] = 0.41
+    meta["input"]["test_time_spacings_mm"] = [0.45, 0.5]
+    meta["validated_max_pixel_mm"] = 0.8
+    (init / "model.json").write_text(json.dumps(meta))
+    ep.train_endplates(tmp_path / "tuned", steps=1, threads=2, init=init, bank_size=(1, 2),
+                       batch_size=2, cutoffs={"L4L5_superior": 0.3}, log=lambda _: None)
+    _, tuned = ep.model_io.load_bundle(tmp_path / "tuned", name="endplates")
+    assert tuned["cutoffs"] == {**ep.DEFAULT_CUTOFFS, "L5S1_inferior": 0.41,
+                                "L4L5_superior": 0.3}
+    assert tuned["input"]["test_time_spacings_mm"] == [0.45, 0.5]
+    assert "validated_max_pixel_mm" not in tuned and str(init) in tuned["inference_note"]

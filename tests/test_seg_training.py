@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from spineqprep.cli.train import main as train_main
-from spineqprep.errors import InputError
+from spineqprep.errors import InputError, UsageError
 from spineqprep.metrics import dice
 from spineqprep.segmentation import augment, external, model_io, train, trainset
 from spineqprep.segmentation.network import build_network, count_parameters
@@ -171,6 +171,7 @@ def test_bundle_round_trip_and_errors(tmp_path):
     (tmp_path / "c" / "model.json").write_text("{broken")
     with pytest.raises(InputError, match=r"model\.json"):
         model_io.load_bundle(tmp_path / "c")
+    (tmp_path / "nothing.txt").write_text("")
     with pytest.raises(InputError, match="not a model bundle"):
         model_io.load_bundle(tmp_path / "nothing.txt")
     with pytest.raises(InputError, match="normalisation"):
@@ -232,6 +233,91 @@ def test_finetune_pairs_from_derivatives(synth, tmp_path):
     empty.mkdir()
     assert train_main(["spine", "--out", str(tmp_path / "x"), "--steps", "1",
                        "--labels-dir", str(empty)]) == 1
+
+
+PACKAGED = Path(__file__).resolve().parents[1] / "spineqprep" / "data" / "models"
+
+
+def test_finetuned_bundle_keeps_the_inference_settings(synth, tmp_path):
+    """Fine-tuned from the packaged bundle, a bundle keeps its disc cut-off (0.5 instead is
+    biased, model card), its per-contrast cut-offs and its test-time pixel sizes, with a note of
+    where they came from; not its validated pixel limit (measured for the packaged weights).
+    segment_spine uses them: on a T2w image the labels differ from those of the same weights
+    without them (what such a bundle gave before)."""
+    base = json.loads((PACKAGED / "spine" / "model.json").read_text())
+    train.train_spine(tmp_path / "tuned", steps=1, seed=1, threads=2, init=PACKAGED / "spine",
+                      bank_size=(1, 2), batch_size=2, eval_bank=(1, 2), eval_samples=8,
+                      log=lambda _: None)
+    model, meta = model_io.load_bundle(tmp_path / "tuned")
+    assert meta["cutoffs"] == base["cutoffs"] == {"disc": 0.68}
+    assert meta["cutoffs_by_contrast"] == base["cutoffs_by_contrast"]
+    assert meta["input"]["test_time_spacings_mm"] == base["input"]["test_time_spacings_mm"]
+    assert "validated_max_pixel_mm" not in meta and "validated_max_pixel_mm" in base
+    assert str(PACKAGED / "spine") in meta["inference_note"]
+    assert "validated_max_pixel_mm not inherited" in meta["inference_note"]
+    from spineqprep.segmentation import segment_spine
+
+    t2w = nib.load(next(synth.raw_dir.rglob("*_acq-sag_T2w.nii.gz")))
+    used = segment_spine(t2w, bundle=tmp_path / "tuned", n_threads=2, contrast="T2w")
+    bare = {k: v for k, v in meta.items() if k not in model_io.INFERENCE_KEYS}
+    bare["input"] = {k: v for k, v in meta["input"].items()
+                     if k not in model_io.INFERENCE_INPUT_KEYS}
+    before = segment_spine(t2w, bundle=(model, bare), n_threads=2, contrast="T2w")
+    assert not np.array_equal(np.asarray(used.probseg_img.dataobj),
+                              np.asarray(before.probseg_img.dataobj))  # three scales, not one
+    assert not np.array_equal(np.asarray(used.dseg_img.dataobj),
+                              np.asarray(before.dseg_img.dataobj))
+
+
+def test_inference_settings_given_when_training_win():
+    base = json.loads((PACKAGED / "spine" / "model.json").read_text())
+    top, inputs = model_io.inference_settings(
+        base, "init", trainset.CLASSES, cutoffs={"sacrum": 0.6},
+        cutoffs_by_contrast={"T2w": {"disc": 0.4}, "MESE": {"disc": 0.7}},
+        test_time_spacings_mm=[1.25])
+    assert top["cutoffs"] == {"disc": 0.68, "sacrum": 0.6}
+    assert top["cutoffs_by_contrast"] == {"T1w": {"disc": 0.5}, "T2w": {"disc": 0.4},
+                                          "MESE": {"disc": 0.7}}
+    assert inputs == {"test_time_spacings_mm": [1.25]}
+    assert "cutoffs.sacrum" in top["inference_note"]
+    assert base["cutoffs_by_contrast"]["T2w"] == {"disc": 0.35}  # the base is not changed
+    assert model_io.inference_settings({}, None, trainset.CLASSES) == ({}, {})
+    with pytest.raises(UsageError, match="L4L5_superior"):
+        model_io.inference_settings({}, None, trainset.CLASSES, cutoffs={"L4L5_superior": 0.3})
+
+
+def test_train_command_checks_the_inference_options(tmp_path, capsys):
+    """Wrong inference options or --init end in one message before any training."""
+    from spineqprep.cli.train import _split_cutoffs
+
+    assert _split_cutoffs(["disc=0.6", "T2w:disc=0.35", "T2w:sacrum=0.4"]) == (
+        {"disc": 0.6}, {"T2w": {"disc": 0.35, "sacrum": 0.4}})
+    out = tmp_path / "bundle"
+    for args, code, message in (
+            (["spine", "--cutoff", "PD:disc=0.3"], 2, "unknown contrast"),
+            (["spine", "--cutoff", "L4L5_superior=0.3"], 2, "not classes of this network"),
+            (["endplates", "--cutoff", "T2w:L4L5_superior=0.3"], 2, "spine network only"),
+            (["spine", "--test-time-spacings", "0", "1.25"], 2, "positive"),
+            (["spine", "--init", str(PACKAGED / "endplates")], 1, "'endplates' network")):
+        assert train_main([*args, "--out", str(out), "--steps", "1"]) == code
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        assert not out.exists()
+
+
+def test_a_bundle_of_the_other_network_is_refused(tmp_path):
+    """Swapped bundles name the file and where it belongs (they gave KeyError / ValueError)."""
+    from spineqprep.segmentation import segment_spine
+    from spineqprep.segmentation.endplates import segment_endplates
+
+    img = nib.Nifti1Image(np.zeros((4, 32, 32), np.float32), np.diag([4.0, 1.0, 1.0, 1.0]))
+    with pytest.raises(InputError, match=r"endplates/model\.json.*'endplates' network") as err:
+        segment_spine(img, bundle=PACKAGED / "endplates")
+    assert "--cep-weights" in str(err.value)
+    with pytest.raises(InputError, match=r"'spine' network, not the 'endplates'"):
+        segment_endplates(img, img, bundle=PACKAGED / "spine")
+    with pytest.raises(InputError, match="no such bundle"):
+        model_io.load_bundle(tmp_path / "missing")
 
 
 FASTCLEVERSEG = Path(__file__).resolve().parents[2] / "shared" / "data" / "lumbar-fastcleverseg"

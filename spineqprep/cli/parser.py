@@ -158,7 +158,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         "segmentation": ns.segmentation,
         "seg_weights": ns.seg_weights,
         "cep_weights": ns.cep_weights,
-        "cutoffs": _parse_cutoffs(ns.cutoff) if ns.cutoff else None,
+        "cutoffs": parse_cutoffs(ns.cutoff) if ns.cutoff else None,
         "registration": ns.registration,
         "atlas": ns.atlas,
         "registration_backend": ns.registration_backend,
@@ -237,7 +237,7 @@ CUTOFF_STRUCTURES = ("vertebral_body", "sacrum", "disc", "L4L5_superior", "L4L5_
                      "L5S1_superior", "L5S1_inferior")
 
 
-def _parse_cutoffs(items: list[str]) -> dict[str, float]:
+def parse_cutoffs(items: list[str]) -> dict[str, float]:
     """``["disc=0.4", "L4L5_superior=0.3"]`` -> {structure: cut-off}, checked."""
     out = {}
     for item in items:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
+from functools import partial
 
 from spineqprep.cli.parser import parse_args
 from spineqprep.config import RunConfig
@@ -31,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(config: RunConfig) -> int:
     """Run the analysis level named in ``config``; returns the exit code."""
     check_paths(config)
+    check_options(config)
     if config.analysis_level == "group":
         from spineqprep.cli.group import run_group
 
@@ -61,6 +64,38 @@ def check_paths(config: RunConfig) -> None:
     for path in config.derivatives:
         if not path.is_dir():
             raise UsageError("derivatives dataset not found", path=path)
+
+
+def check_options(config: RunConfig) -> None:
+    """Check the model bundles and registration inputs the participant level will use, with
+    the validators the steps themselves use, so that a wrong one stops the run before any
+    subject is processed (inside the workflow it would fail every subject after the fits)."""
+    if config.analysis_level != "participant" or not config.segmentation:
+        return
+    checks: list[tuple[str, Callable[[], object]]] = []
+    if config.seg_weights or config.cep_weights:
+        from spineqprep.segmentation.model_io import load_bundle
+
+        checks += [(f"--{option}-weights", partial(load_bundle, path, name=name))
+                   for option, path, name in (("seg", config.seg_weights, "spine"),
+                                              ("cep", config.cep_weights, "endplates"))
+                   if path]
+    if config.registration:
+        from spineqprep.registration.atlas import load_atlas
+        from spineqprep.registration.disc import check_options as check_registration
+
+        if config.atlas:
+            checks.append(("--atlas", partial(load_atlas, config.atlas)))
+        option = "--registration-params" if config.registration_params else \
+            "--registration-backend"
+        checks.append((option, partial(
+            check_registration, config.registration_backend,
+            config.registration_params or None)))
+    for option, check in checks:
+        try:
+            check()
+        except SpineqprepError as err:
+            raise UsageError(f"{option}: {err}") from None
 
 
 def _setup_logging(verbosity: int) -> None:

@@ -7,9 +7,12 @@ import sys
 from pathlib import Path
 
 from spineqprep import __version__
+from spineqprep.cli.parser import parse_cutoffs
 from spineqprep.errors import SpineqprepError, UsageError
 
 NETWORKS = ("spine", "endplates")
+#: BIDS suffixes of the images spineqprep segments: per-contrast cut-offs key on them.
+CONTRASTS = ("T1w", "T2w", "MESE", "MESL")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "slices; the rest stays synthetic so that other contrasts are not forgotten")
     p.add_argument("--lr", type=float, metavar="RATE",
                    help="learning rate (default 2e-3, 3e-4 with --init)")
+    g = p.add_argument_group(
+        "inference settings recorded in model.json (default: those of --init, else none; the "
+        "--init bundle's validated_max_pixel_mm is never carried over: it was measured for its "
+        "weights only)")
+    g.add_argument("--cutoff", action="append", metavar="[CONTRAST:]STRUCTURE=P",
+                   help="probability cut-off of one class (repeatable), e.g. disc=0.68, or for "
+                   f"one contrast ({', '.join(CONTRASTS)}; spine) T2w:disc=0.35; endplates "
+                   "default to the published 0.24 / 0.32 / 0.24 / 0.30")
+    g.add_argument("--test-time-spacings", nargs="+", type=float, metavar="MM",
+                   help="pixel sizes (mm) the network runs at, its probabilities averaged (e.g. "
+                   "1.1 1.25 1.4); without any, the training pixel only")
     p.add_argument("--version", action="version", version=f"spineqprep-train {__version__}")
     return p
 
@@ -67,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.out.exists() and not args.out.is_dir():
             raise UsageError("exists and is not a folder", path=args.out,
                              fix="choose a new folder for the bundle")
+        cutoffs, by_contrast = _split_cutoffs(args.cutoff or [])
+        if args.network == "endplates" and by_contrast:
+            raise UsageError("per-contrast cut-offs apply to the spine network only",
+                             fix="give endplate cut-offs as STRUCTURE=P")
+
         def log(msg: str) -> None:
             print(msg, flush=True)
 
@@ -75,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
             train_endplates(args.out, args.steps, seed=args.seed, threads=args.threads,
                             init=args.init, bank_size=(args.bank_subjects or BANK[0], BANK[1]),
-                            batch_size=args.batch_size, lr=args.lr, log=log)
+                            batch_size=args.batch_size, lr=args.lr, cutoffs=cutoffs,
+                            test_time_spacings_mm=args.test_time_spacings, log=log)
         else:
             from spineqprep.segmentation.train import BANK, train_spine
 
@@ -83,11 +103,27 @@ def main(argv: list[str] | None = None) -> int:
                         init=args.init, labels_dir=args.labels_dir,
                         bank_size=(args.bank_subjects or BANK[0], BANK[1]),
                         batch_size=args.batch_size, lr=args.lr,
-                        real_fraction=args.real_fraction, log=log)
+                        real_fraction=args.real_fraction, cutoffs=cutoffs,
+                        cutoffs_by_contrast=by_contrast,
+                        test_time_spacings_mm=args.test_time_spacings, log=log)
     except SpineqprepError as err:
         print(f"spineqprep-train: error: {err}", file=sys.stderr)
         return err.exit_code
     return 0
+
+
+def _split_cutoffs(items: list[str]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """``["disc=0.68", "T2w:disc=0.35"]`` -> ({disc: 0.68}, {T2w: {disc: 0.35}}), checked."""
+    cutoffs: dict[str, float] = {}
+    by_contrast: dict[str, dict[str, float]] = {}
+    for item in items:
+        contrast, _, cutoff = item.rpartition(":")
+        if contrast and contrast not in CONTRASTS:
+            raise UsageError(f"--cutoff {item}: unknown contrast {contrast!r}",
+                             fix=f"use one of {', '.join(CONTRASTS)}")
+        (by_contrast.setdefault(contrast, {}) if contrast else cutoffs).update(
+            parse_cutoffs([cutoff]))
+    return cutoffs, by_contrast
 
 
 if __name__ == "__main__":

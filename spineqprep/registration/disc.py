@@ -23,6 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from spineqprep.errors import InputError, UsageError
+from spineqprep.registration.params import elastix_parameter_files
 from spineqprep.registration.quality import DiscQuality, assess, failed
 
 BACKENDS = ("elastix", "ants")
@@ -91,13 +92,12 @@ def register_disc(
     ``moving_mask`` is the binary mask of one disc on its native grid (any affine / voxel
     size; a single slice registers in 2D against a single-slice atlas). ``parameter_maps``
     replaces the packaged elastix maps (elastix only). A disc that cannot be registered (empty
-    mask, backend failure) gets a failed quality record and no files, never an exception; bad
-    arguments raise UsageError / InputError.
+    mask, a single slice more than ``MAX_PLANE_ANGLE_DEG`` off the atlas plane, backend
+    failure) gets a failed quality record saying why and no files, never an exception; bad
+    arguments (options, an atlas disc that is empty or of the other dimension) raise
+    UsageError / InputError.
     """
-    _check_backend(backend)
-    if parameter_maps is not None and backend != "elastix":
-        raise UsageError(f"parameter maps are elastix files; backend {backend!r} takes none",
-                         fix="drop --registration-params or use --registration-backend elastix")
+    check_options(backend, parameter_maps)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     moving = np.asarray(moving_mask.dataobj) > 0.5
@@ -106,12 +106,18 @@ def register_disc(
         raise InputError("the atlas disc mask is empty", fix="pass the atlas disc of this level")
     if not moving.any():
         return DiscTransform(backend, ()), failed("empty disc mask")
+    _check_dimensions(moving_mask, atlas_mask)
+    try:
+        moving_grid = to_grid(moving_mask, atlas_mask, smooth=True)
+    except InputError as err:  # this disc's own geometry (a slice far off the atlas plane)
+        fix = f" (fix: {err.fix})" if err.fix else ""
+        return DiscTransform(backend, ()), failed(f"{str(err).splitlines()[0]}{fix}")
     engine = _engine(backend)
     result = (DiscTransform(backend, ()), failed(f"{backend} was not run"))
     for attempt in range(RETRIES + 1):
         try:
             files = engine.register(
-                region_of_interest(to_grid(moving_mask, atlas_mask, smooth=True)),
+                region_of_interest(moving_grid),
                 region_of_interest(to_grid(atlas_mask, atlas_mask, smooth=True)),
                 out_dir,
                 parameter_maps=parameter_maps,
@@ -193,12 +199,7 @@ def to_grid(img: nib.Nifti1Image, atlas: nib.Nifti1Image, *, smooth: bool,
     if data.ndim != 3:
         raise InputError(f"expected a 3D image, got shape {data.shape}")
     affine = img.affine
-    if is_single_slice(atlas) != is_single_slice(img):
-        raise InputError(
-            "the image and the atlas disc must both be single slices (2D) or both volumes (3D): "
-            f"got shapes {img.shape[:3]} and {atlas.shape[:3]}",
-            fix="use a single-slice atlas for single-slice data and a 3D atlas for volumes",
-        )
+    _check_dimensions(img, atlas)
     if smooth:
         data = smoothed_mask(data, affine)
         peak = float(data.max())
@@ -296,7 +297,30 @@ def _engine(backend: str):
     return ants
 
 
+def check_options(backend: str, parameter_maps: Sequence[Path] | None) -> None:
+    """Refuse an unknown backend, elastix parameter files with ANTs, and parameter files that
+    are missing or not elastix's: before any disc is registered (the command line checks its
+    options with this before it starts)."""
+    _check_backend(backend)
+    if parameter_maps is not None:
+        if backend != "elastix":
+            raise UsageError(f"parameter maps are elastix files; backend {backend!r} takes none",
+                             fix="drop --registration-params or use --registration-backend "
+                                 "elastix")
+        elastix_parameter_files(parameter_maps)
+
+
 def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise UsageError(f"unknown registration backend {backend!r}",
                          fix=f"use one of {', '.join(BACKENDS)}")
+
+
+def _check_dimensions(img: nib.Nifti1Image, atlas: nib.Nifti1Image) -> None:
+    """An image and its atlas disc are both single slices (2D) or both volumes (3D)."""
+    if is_single_slice(atlas) != is_single_slice(img):
+        raise InputError(
+            "the image and the atlas disc must both be single slices (2D) or both volumes (3D): "
+            f"got shapes {img.shape[:3]} and {atlas.shape[:3]}",
+            fix="use a single-slice atlas for single-slice data and a 3D atlas for volumes",
+        )

@@ -131,21 +131,27 @@ def sample(bank: trainset.SliceBank, rng: np.random.Generator, size: int
 def train_endplates(out: str | Path, steps: int, seed: int = 0, threads: int = 2,
                     init: str | Path | None = None, bank_size: tuple[int, int] = BANK,
                     batch_size: int = 8, lr: float | None = None,
+                    cutoffs: Mapping[str, float] | None = None,
+                    test_time_spacings_mm: Sequence[float] | None = None,
                     log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train the endplate network (``spineqprep-train endplates``) and write a bundle."""
+    """Train the endplate network (``spineqprep-train endplates``) and write a bundle. Its
+    cut-offs are the published ones, overridden by those of ``init``, then by ``cutoffs``
+    (:func:`model_io.inference_settings`)."""
     from spineqprep.segmentation.train import evaluate_slices, train
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     start = time.perf_counter()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if init is not None:
         model, base = model_io.load_bundle(init, name="endplates")
         architecture = base["architecture"]
     else:
         architecture, base = dict(DEFAULT_ARCHITECTURE), {}
         model = build_network(architecture)
+    inference, inference_input = model_io.inference_settings(
+        base, init, CLASSES, cutoffs=cutoffs, test_time_spacings_mm=test_time_spacings_mm)
+    out.mkdir(parents=True, exist_ok=True)
     bank_seed = trainset.TRAINING_SEED_BASE + seed
     log(f"endplate bank: {bank_size[0]} subjects x {bank_size[1]} planes (cohort seed "
         f"{bank_seed})")
@@ -168,8 +174,9 @@ def train_endplates(out: str | Path, steps: int, seed: int = 0, threads: int = 2
                   "normalisation": model_io.NORMALISATION,
                   "multiple_of": 2 ** int(architecture["depth"]), "inplane": "IP",
                   "crop_mm": [CROP_PX * SPACING_MM, CROP_PX * SPACING_MM],
-                  "image": "first UTE echo"},
-        "cutoffs": DEFAULT_CUTOFFS,
+                  "image": "first UTE echo", **inference_input},
+        **inference,
+        "cutoffs": {**DEFAULT_CUTOFFS, **inference.get("cutoffs", {})},
         "class_weights": list(CLASS_WEIGHTS),
         "training": {"seed": seed, "steps": steps, "batch_size": batch_size,
                      "learning_rate": rate, "threads": threads,

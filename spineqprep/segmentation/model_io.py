@@ -9,8 +9,9 @@ of the same stem next to it.
 
 from __future__ import annotations
 
+import copy
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from spineqprep.errors import InputError
+from spineqprep.errors import InputError, UsageError
 from spineqprep.segmentation.network import build_network
 from spineqprep.segmentation.trainset import normalise_array
 
 WEIGHTS, META = "weights.pt", "model.json"
 NORMALISATION = "percentile-1-99"  # (x - p1) / (p99 - p1) over the array, clipped to [-0.5, 2]
 _REQUIRED = ("name", "version", "architecture", "classes", "input")
+#: What takes a bundle of each network (``model.json`` ``name``).
+TAKEN_BY = {"spine": "--seg-weights / segment_spine",
+            "endplates": "--cep-weights / segment_endplates"}
 
 
 def save_bundle(model: nn.Module, meta: Mapping[str, Any], folder: str | Path,
@@ -47,6 +51,9 @@ def _paths(folder: str | Path | None, name: str) -> tuple[Any, Any]:
         root = resources.files("spineqprep") / "data" / "models" / name
         return root / WEIGHTS, root / META
     path = Path(folder).expanduser()
+    if not path.exists():
+        raise InputError("no such bundle folder or file", path=path,
+                         fix="give the folder spineqprep-train wrote (weights.pt + model.json)")
     if path.is_dir():
         return path / WEIGHTS, path / META
     if path.suffix == ".pt":
@@ -62,7 +69,8 @@ def load_bundle(folder: str | Path | None = None, name: str = "spine"
                 ) -> tuple[nn.Module, dict[str, Any]]:
     """The network (float32, eval mode) and its metadata. ``folder=None`` loads the bundle
     shipped in the package under ``name``. Raises ``InputError`` naming the file for a missing,
-    corrupt or mismatched bundle."""
+    corrupt or mismatched bundle, or one of another network (``model.json`` ``name`` is not
+    ``name``: a spine bundle given for the endplates, or the reverse)."""
     weights, meta_path = _paths(folder, name)
     try:
         meta = json.loads(meta_path.read_text())
@@ -76,6 +84,12 @@ def load_bundle(folder: str | Path | None = None, name: str = "spine"
     if missing:
         raise InputError(f"model description lacks {', '.join(missing)}", path=meta_path,
                          fix="model.json needs name, version, architecture, classes and input")
+    if meta["name"] != name:
+        takes = TAKEN_BY.get(meta["name"], "nothing in this version of spineqprep")
+        raise InputError(f"this bundle is for the {meta['name']!r} network, not the {name!r} "
+                         "one", path=meta_path,
+                         fix=f"give a bundle of the {name!r} network ({TAKEN_BY.get(name)}; "
+                         f"spineqprep-train {name} writes one); this one goes to {takes}")
     model = build_network(meta["architecture"])
     if len(meta["classes"]) != int(meta["architecture"].get("n_classes", -1)):
         raise InputError(f"{len(meta['classes'])} class names for "
@@ -109,3 +123,65 @@ def normalise(array: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:
         raise InputError(f"unknown input normalisation {how!r}",
                          fix=f"this version of spineqprep knows {NORMALISATION!r}")
     return normalise_array(array)
+
+
+#: Inference settings a bundle records for its weights (``model.json`` top level, and keys of
+#: ``input``), chosen on calibration data (model card). ``validated_max_pixel_mm`` is not one:
+#: it is a measurement of the weights it was made with, and never carried to new weights.
+INFERENCE_KEYS = ("cutoffs", "cutoffs_by_contrast")
+INFERENCE_INPUT_KEYS = ("test_time_spacings_mm",)
+
+
+def inference_settings(base: Mapping[str, Any], source: str | Path | None,
+                       classes: Sequence[str], *, cutoffs: Mapping[str, float] | None = None,
+                       cutoffs_by_contrast: Mapping[str, Mapping[str, float]] | None = None,
+                       test_time_spacings_mm: Sequence[float] | None = None
+                       ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Inference settings of a newly trained bundle: those of ``base`` (the ``--init`` bundle
+    read from ``source``), overridden by the ones given, with an ``inference_note`` saying where
+    each came from. Returns (``model.json`` top-level keys, keys of its ``input``). Without
+    them a fine-tuned bundle would fall back to a 0.5 cut-off and one scale, which the base
+    bundle's model card measured as biased. Structures must be among ``classes``."""
+    given = {"cutoffs": dict(cutoffs or {}),
+             "cutoffs_by_contrast": {c: dict(v) for c, v in (cutoffs_by_contrast or {}).items()}}
+    for values in (given["cutoffs"], *given["cutoffs_by_contrast"].values()):
+        unknown = sorted(set(values) - set(classes[1:]))
+        if unknown:
+            raise UsageError(f"cut-offs for {', '.join(unknown)}: not classes of this network",
+                             fix=f"give cut-offs for {', '.join(classes[1:])}")
+    if test_time_spacings_mm is not None and (not test_time_spacings_mm or min(
+            test_time_spacings_mm) <= 0):
+        raise UsageError("test-time pixel sizes must be positive millimetres",
+                         fix="give e.g. 1.1 1.25 1.4")
+    top: dict[str, Any] = {}
+    inherited, explicit = [], []
+    for key in INFERENCE_KEYS:
+        if base.get(key):
+            top[key] = copy.deepcopy(base[key])
+            inherited.append(key)
+    for contrast, values in given["cutoffs_by_contrast"].items():
+        top.setdefault("cutoffs_by_contrast", {}).setdefault(contrast, {}).update(values)
+        explicit += [f"cutoffs_by_contrast.{contrast}.{k}" for k in values]
+    if given["cutoffs"]:
+        top.setdefault("cutoffs", {}).update(given["cutoffs"])
+        explicit += [f"cutoffs.{k}" for k in given["cutoffs"]]
+    inputs = {key: copy.deepcopy(base["input"][key]) for key in INFERENCE_INPUT_KEYS
+              if base.get("input", {}).get(key)}
+    inherited += [f"input.{key}" for key in inputs]
+    if test_time_spacings_mm is not None:
+        inputs["test_time_spacings_mm"] = [float(s) for s in test_time_spacings_mm]
+        explicit.append("input.test_time_spacings_mm")
+    notes = []
+    if inherited:
+        notes.append(f"{', '.join(inherited)} inherited from the --init bundle {source}, "
+                     "chosen there for its weights (its model.json says how) and not "
+                     "re-checked for these")
+    if explicit:
+        notes.append(f"{', '.join(explicit)} set when training")
+    if "validated_max_pixel_mm" in base:
+        notes.append("validated_max_pixel_mm not inherited: it was measured for the --init "
+                     "weights only (re-measure with benchmarks/bench_segmentation.py "
+                     "--pixel-scale)")
+    if notes:
+        top["inference_note"] = "; ".join(notes)
+    return top, inputs

@@ -189,20 +189,27 @@ def train_spine(out: str | Path, steps: int, seed: int = 0, threads: int = 2,
                 init: str | Path | None = None, labels_dir: str | Path | None = None,
                 bank_size: tuple[int, int] = BANK, batch_size: int = 8, lr: float | None = None,
                 eval_bank: tuple[int, int] = EVAL_BANK, eval_samples: int = 96,
-                real_fraction: float = 0.5,
+                real_fraction: float = 0.5, cutoffs: Mapping[str, float] | None = None,
+                cutoffs_by_contrast: Mapping[str, Mapping[str, float]] | None = None,
+                test_time_spacings_mm: Sequence[float] | None = None,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train (or fine-tune ``init`` on ``labels_dir``) and write a bundle into ``out``."""
+    """Train (or fine-tune ``init`` on ``labels_dir``) and write a bundle into ``out``. The
+    bundle keeps the inference settings of ``init`` (cut-offs, test-time pixel sizes), or those
+    given (:func:`model_io.inference_settings`)."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     start = time.perf_counter()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if init is not None:
         model, base = model_io.load_bundle(init)
         architecture = base["architecture"]
     else:
         architecture, base = dict(DEFAULT_ARCHITECTURE), {}
         model = build_network(architecture)
+    inference, inference_input = model_io.inference_settings(
+        base, init, trainset.CLASSES, cutoffs=cutoffs, cutoffs_by_contrast=cutoffs_by_contrast,
+        test_time_spacings_mm=test_time_spacings_mm)
+    out.mkdir(parents=True, exist_ok=True)
     real = trainset.load_labelled_slices(labels_dir) if labels_dir else []
     if real:
         log(f"{len(real)} labelled slices from {labels_dir}")
@@ -234,7 +241,8 @@ def train_spine(out: str | Path, steps: int, seed: int = 0, threads: int = 2,
         "input": {"spacing_mm": trainset.SPACING_MM, "slice_axis": "sagittal",
                   "normalisation": model_io.NORMALISATION,
                   "multiple_of": 2 ** int(architecture["depth"]),
-                  "inplane": "IP"},  # rows towards inferior, columns towards posterior
+                  "inplane": "IP",  # rows towards inferior, columns towards posterior
+                  **inference_input},
         "training": {"seed": seed, "steps": steps, "batch_size": batch_size,
                      "learning_rate": rate, "threads": threads, "data": data,
                      "augmentation": "SynthSeg-style random contrast per tissue label (70 %) "
@@ -248,6 +256,7 @@ def train_spine(out: str | Path, steps: int, seed: int = 0, threads: int = 2,
                      "init": str(init) if init else None,
                      "seconds": round(time.perf_counter() - start, 1)},
         "metrics": metrics,
+        **inference,
     }
     model_io.save_bundle(model, meta, out)
     (out / "checkpoint.pt").unlink(missing_ok=True)
