@@ -480,8 +480,8 @@ def evaluate_datasets(pred_dir: str | Path, ref_dir: str | Path, *, suffix: str 
     ``ref_dir`` (same entities, else see :func:`_pair_files`): one row per image and level with
     ``participant_id``, ``session_id``, the other entities of the prediction (``acq``, ``desc``
     ...), the level columns of :func:`evaluate_labels`, ``resampled`` and both files (relative
-    paths). Levels: :func:`match_levels` on each image's tables. AUCs
-    come from the prediction's probability maps on the same grid: ``_label-<level>_probseg``
+    paths). Levels: :func:`match_levels` on the two images' tables (:func:`lut_path`). AUCs
+    come from the prediction's probability maps with its entities: ``_label-<level>_probseg``
     (also without the image's ``desc``, as the pipeline writes the endplates') over the whole
     image, else the class map (``label-disc``, ``label-VB``, ``label-sacrum``) over
     :func:`class_score_region`. Written to ``out_tsv`` (``n/a`` for missing values) when given.
