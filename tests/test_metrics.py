@@ -376,9 +376,14 @@ def test_levels_are_matched_by_abbreviation_across_numberings(truth, tmp_path):
     lut = lut[lut["index"].isin(discs)].assign(index=lambda t: t["index"].map(discs))
     lut[["index", "name", "abbreviation"]].to_csv(pred / "dseg.tsv", sep="\t", index=False)
     table = evaluate_datasets(pred, truth)
-    assert set(table["level"]) == {"L1L2", "L2L3", "L3L4", "L4L5", "L5S1"}
-    assert (table["dice"] == 1.0).all()
-    assert set(table["index"]) <= set(discs)  # the reference's labels are reported
+    labelled = table["level"].isin(["L1L2", "L2L3", "L3L4", "L4L5", "L5S1"])
+    assert (table.loc[labelled, "dice"] == 1.0).all()
+    assert set(table.loc[labelled, "index"]) <= set(discs)  # the reference's labels are reported
+    # the truth's discs above L1L2 are missed discs (Dice 0); its vertebrae are not charged to
+    # a disc-only prediction
+    missed = table[~labelled]
+    assert set(missed["level"]) == {"T11T12", "T12L1"}
+    assert (missed["dice"] == 0).all() and (missed["pred_voxels"] == 0).all()
 
 
 def test_probability_maps_give_aucs(truth, tmp_path):
@@ -404,9 +409,9 @@ def test_dataset_errors(truth, tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         evaluate_datasets(tmp_path / "nowhere", truth)
     pred = _predicted(truth, tmp_path / "pred")
-    with pytest.raises(UsageError, match="'L9L10' is not in the reference"):
+    with pytest.raises(UsageError, match="'L9L10' is in neither"):
         evaluate_datasets(pred, truth, labels=["L9L10"])
-    with pytest.raises(InputError, match="no _probseg image"):
+    with pytest.raises(UsageError, match="not label images"):
         evaluate_datasets(pred, truth, suffix="probseg")
     pd.DataFrame({"index": [1], "name": ["thing"], "abbreviation": ["X"]}).to_csv(
         pred / "dseg.tsv", sep="\t", index=False)
@@ -436,7 +441,7 @@ def test_cli_writes_the_per_level_table(truth, tmp_path, capsys):
 def test_cli_errors_are_one_message(truth, tmp_path, capsys, case):
     pred = _predicted(truth, tmp_path / "pred")
     args = [str(pred), str(truth), str(tmp_path / "out.tsv")]
-    expected = {"missing_dir": (2, "does not exist"), "unknown_level": (2, "'XX' is not in"),
+    expected = {"missing_dir": (2, "does not exist"), "unknown_level": (2, "'XX' is in neither"),
                 "disjoint_tables": (1, "share no abbreviation")}[case]
     if case == "missing_dir":
         args[0] = str(tmp_path / "missing")

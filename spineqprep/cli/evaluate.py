@@ -21,19 +21,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="spineqprep-evaluate",
         description="Compare the label images of a predicted derivatives dataset with those of a "
         "reference dataset (manual labels, synthetic ground truth) file by file, paired by their "
-        "BIDS entities, and write one row per image and level with Dice (3D, per slice, central "
-        "50 %%), surface distances (mm), percent volume difference, sensitivity, specificity, "
-        "precision and, when _label-<level>_probseg maps exist, ROC-AUC and PR-AUC. "
-        "See docs/metrics.md.",
+        "BIDS entities (else by the same entities but desc, e.g. desc-endplates against the "
+        "truth's desc-tissues), levels matched by name through each image's dseg.tsv, and write "
+        "one row per image and level (also levels only one side has) with Dice (3D, per slice, "
+        "central 50 %%), surface distances (mm), percent volume difference, sensitivity, "
+        "specificity, precision and, from the prediction's _probseg maps (per level, or the "
+        "disc/VB/sacrum class maps), ROC-AUC and PR-AUC. See docs/metrics.md.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("pred_dir", type=Path, help="the predicted derivatives dataset (root)")
     p.add_argument("ref_dir", type=Path, help="the reference derivatives dataset (root)")
     p.add_argument("out_tsv", type=Path, help="the per-image, per-level table to write")
-    p.add_argument("--suffix", default="dseg", help="suffix of the label images to compare")
+    p.add_argument("--suffix", default="dseg",
+                   help="suffix of the label images to compare (label images only: dseg)")
     p.add_argument("--labels", nargs="+", metavar="LEVEL",
                    help="levels to evaluate (dseg.tsv abbreviations, e.g. L1L2 L2L3); default: "
-                   "every level of the reference table present in either image")
+                   "the levels of either table present in either image, see docs/metrics.md")
     p.add_argument("--slice-axis", type=int, choices=(0, 1, 2), metavar="{0,1,2}",
                    help="array axis of the 2D slices for the per-slice Dice (default: the "
                    "sagittal axis of each reference image)")
