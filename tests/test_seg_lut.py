@@ -98,7 +98,7 @@ def test_check_segmentation_reads_both_files(tmp_path) -> None:
     mapping = check_segmentation(tmp_path / "dseg.nii.gz", tmp_path / "dseg.tsv")
     assert mapping[7]["abbreviation"] == "L5"
     (tmp_path / "bad.tsv").write_text("index\tlabel\n7\tL5\n")
-    with pytest.raises(InputError, match="bad.tsv.*no column"):
+    with pytest.raises(InputError, match=r"bad\.tsv.*no column"):
         check_segmentation(tmp_path / "dseg.nii.gz", tmp_path / "bad.tsv")
 
 

@@ -139,7 +139,7 @@ def label_mapping(table: pd.DataFrame, present: Iterable[int], *, kind: str = "s
         taken[row["index"]] = label
     if problems:
         examples = ("L4L5sup, L4L5inf, L5S1sup, L5S1inf" if kind == "endplates"
-                    else "L1 ... L5, S1, L1L2 ... L5S1")
+                    else "L1 ... L5, S1, L1L2 ... L4L5, L5S1")
         raise InputError(
             "the label table does not name the labels of its segmentation: "
             + "; ".join(problems), path=path,
