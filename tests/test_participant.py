@@ -486,3 +486,148 @@ def test_app_runs_in_a_process_that_has_run_torch(tmp_path) -> None:
     for name in ("sub-01_acq-sag_dseg.nii.gz", "sub-01_acq-mapss_dseg.nii.gz",
                  "sub-01_acq-mapss_T2map.nii.gz"):
         assert (anat / name).is_file(), name
+
+
+# ---- precomputed masks in any numbering ------------------------------------------------------
+
+def _manual_dataset(root: Path, name: str) -> Path:
+    root.mkdir(parents=True)
+    (root / "dataset_description.json").write_text(json.dumps(
+        {"Name": name, "BIDSVersion": "1.10.1", "DatasetType": "derivative"}))
+    return root
+
+
+def _write_mask(data: np.ndarray, like: Path, path: Path, rows: dict[int, str]) -> None:
+    """A label image on the grid of ``like`` and its per-image table (index, name only)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.Nifti1Image(data.astype(np.uint16), nib.load(like).affine).to_filename(path)
+    pd.DataFrame({"index": list(rows), "name": list(rows.values())}).to_csv(
+        path.with_name(path.name.replace(".nii.gz", ".tsv")), sep="\t", index=False)
+
+
+def _endplates(truth_anat: Path, stem: str) -> np.ndarray:
+    """The four L4-L5 / L5-S1 cartilage endplates of the truth (423, 523, 424, 524)."""
+    tissues = np.asarray(nib.load(truth_anat / f"{stem}_desc-tissues_dseg.nii.gz").dataobj)
+    return np.where(np.isin(tissues, [423, 523, 424, 524]), tissues, 0)
+
+
+@pytest.fixture(scope="module")
+def manual_masks(tmp_path_factory):
+    """Truth masks as a user would give them: once in the standard numbering with the standard
+    table, once renumbered (L5 = 7) with index/name tables; plus subjects with bad tables."""
+    root = tmp_path_factory.mktemp("manual")
+    res = generate_dataset(root / "bids", n_subjects=4, n_sites=1, seed=5, size="small")
+    standard = _manual_dataset(root / "standard", "standard")
+    renumbered = _manual_dataset(root / "renumbered", "renumbered")
+    table = pd.read_csv(res.truth_dir / "dseg.tsv", sep="\t")
+    abbr = dict(zip(table["index"], table["abbreviation"], strict=True))
+    ep_names = {"L4L5_superior": 423, "L4L5_inferior": 523, "superior cartilage endplate of "
+                "disc L5-S1": 424, "l5s1INF": 524}
+    for subject in ("01", "02", "03", "04"):
+        truth = res.truth_dir / f"sub-{subject}" / "anat"
+        for grid in ("sag", "mapss"):
+            dseg = truth / f"sub-{subject}_acq-{grid}_dseg.nii.gz"
+            data = np.asarray(nib.load(dseg).dataobj)
+            labels = [int(v) for v in np.unique(data) if v]
+            assert 24 in labels
+            rel = Path(f"sub-{subject}") / "anat" / dseg.name
+            if subject == "01":  # standard numbering, the network's own table
+                (standard / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(dseg, standard / rel)
+                table[table["index"].isin(labels)][["index", "name", "abbreviation"]].to_csv(
+                    standard / rel.with_name(dseg.name.replace(".nii.gz", ".tsv")), sep="\t",
+                    index=False)
+            # renumbered: L5 = 7, the others 20, 21 ... in reverse order; names only
+            new = {24: 7, **{v: 20 + i for i, v in enumerate(sorted(set(labels) - {24},
+                                                                       reverse=True))}}
+            names = {new[v]: (f"vertebral body {abbr[v]}" if v < 100 else abbr[v].lower())
+                     for v in labels}
+            if subject == "03" and grid == "mapss":
+                names[new[123]] = "disc between L4 and L5"
+            path = renumbered / rel
+            _write_mask(np.vectorize(lambda v, new=new: new.get(int(v), 0))(data), dseg, path,
+                        names)
+            if subject == "04" and grid == "sag":
+                path.with_name(path.name.replace(".nii.gz", ".tsv")).unlink()
+        stem = f"sub-{subject}_acq-ute"
+        if subject == "01":
+            cep = _endplates(truth, stem)
+            name = f"{stem}_desc-endplates_dseg.nii.gz"
+            standard_rows = {v: k for k, v in {"L4L5sup": 423, "L4L5inf": 523, "L5S1sup": 424,
+                                               "L5S1inf": 524}.items()}
+            like = truth / f"{stem}_desc-tissues_dseg.nii.gz"
+            _write_mask(cep, like, standard / "sub-01" / "anat" / name, standard_rows)
+            _write_mask(np.select([cep == v for v in ep_names.values()], [1, 2, 3, 4]), like,
+                        renumbered / "sub-01" / "anat" / name,
+                        dict(zip([1, 2, 3, 4], ep_names, strict=True)))
+    return {"res": res, "standard": standard, "renumbered": renumbered}
+
+
+def test_renumbered_masks_with_index_and_name_give_the_standard_results(
+        manual_masks, tmp_path, capsys) -> None:
+    """A manual mask whose dseg.tsv has only index/name and its own numbering (L5 = 7) gives
+    the region tables of the standard numbering; the renumbered locator still finds L5 for the
+    endplate crop; a precomputed endplate mask replaces the endplate network; a table with an
+    unknown name or no table fails only its participant, before any work, naming the file."""
+    res = manual_masks["res"]
+    out_std, out_new = tmp_path / "standard", tmp_path / "renumbered"
+    code = main([str(res.raw_dir), str(out_std), "participant", "-w", str(tmp_path / "w1"),
+                 "--participant-label", "01", "-d", str(manual_masks["standard"]),
+                 "--skip-bids-validation", "--no-registration", "--nprocs", "2"])
+    assert code == 0
+    capsys.readouterr()
+    work = tmp_path / "w2"
+    code = main([str(res.raw_dir), str(out_new), "participant", "-w", str(work),
+                 "-d", str(manual_masks["renumbered"]), "--skip-bids-validation",
+                 "--no-registration", "--nprocs", "2"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "2 of 4 participant(s) failed" in err and "report of" not in err
+    blocks = re.split(r"\n(?=  sub-)", err)
+    bad = "\n".join(b for b in blocks if b.startswith("  sub-03"))
+    assert "sub-03_acq-mapss_dseg.tsv" in bad and "disc between L4 and L5" in bad
+    assert "fix:" in bad and "L4L5" in bad
+    missing = "\n".join(b for b in blocks if b.startswith("  sub-04"))
+    assert "sub-04_acq-sag_dseg.nii.gz" in missing and "look-up table" in missing
+    for subject in ("03", "04"):  # stopped before any work
+        assert not (out_new / f"sub-{subject}" / "anat").exists()
+        assert not list(work.glob(f"spineqprep_wf/sub_{subject}_wf"))
+
+    anat_std, anat_new = out_std / "sub-01" / "anat", out_new / "sub-01" / "anat"
+    tables = sorted(p.name for p in anat_std.glob("*_desc-*_*.tsv") if "dseg" not in p.name)
+    assert len(tables) == 3  # regions of T2 and T1rho, endplate T2*
+    for name in tables:
+        pd.testing.assert_frame_equal(pd.read_csv(anat_new / name, sep="\t"),
+                                      pd.read_csv(anat_std / name, sep="\t"))
+    regions = pd.read_csv(anat_new / "sub-01_acq-mapss_desc-regions_T2map.tsv", sep="\t")
+    assert {"L5", "L4L5", "S1"} <= set(regions["region"])
+    assert regions.set_index("region").loc["L5", "index"] == 24
+    for grid in ("sag", "mapss"):  # the published segmentation is in the standard numbering
+        stem = f"sub-01_acq-{grid}_dseg"
+        assert np.array_equal(np.asarray(nib.load(anat_new / f"{stem}.nii.gz").dataobj),
+                              np.asarray(nib.load(anat_std / f"{stem}.nii.gz").dataobj))
+        assert (anat_new / f"{stem}.tsv").read_text() == (anat_std / f"{stem}.tsv").read_text()
+
+    # the endplate mask was used: provenance, no network, no probability maps
+    meta = json.loads((anat_new / "sub-01_acq-ute_desc-endplates_dseg.json").read_text())
+    assert "--derivatives" in meta["Description"] and "Model" not in meta
+    given = manual_masks["renumbered"] / "sub-01" / "anat"
+    assert str(given / "sub-01_acq-ute_desc-endplates_dseg.nii.gz") in meta["Sources"]
+    assert str(given / "sub-01_acq-ute_desc-endplates_dseg.tsv") in meta["Sources"]
+    assert meta["Levels"] == {"L4L5sup": 423, "L5S1sup": 424, "L4L5inf": 523, "L5S1inf": 524}
+    assert not list(anat_new.glob("*_acq-ute_label-*_probseg.nii.gz"))
+    assert not list(work.glob("spineqprep_wf/sub_01_wf/endplates_acq_ute_wf/segment"))
+    assert np.array_equal(
+        np.asarray(nib.load(anat_new / "sub-01_acq-ute_desc-endplates_dseg.nii.gz").dataobj),
+        _endplates(res.truth_dir / "sub-01" / "anat", "sub-01_acq-ute"))
+
+    # sub-02 (renumbered locator, no endplate mask): the network's crop centres on the true L5
+    from spineqprep.segmentation.localise import l5_crop_box
+
+    anat = "sub-02/anat/sub-02_acq-"
+    meta = json.loads((out_new / f"{anat}ute_desc-endplates_dseg.json").read_text())
+    box = l5_crop_box(nib.load(res.truth_dir / f"{anat}sag_dseg.nii.gz"),
+                      nib.load(res.raw_dir / f"{anat}ute_echo-1_MEGRE.nii.gz"))
+    assert (meta["CropStart"], meta["CropStop"]) == (list(box.start), list(box.stop))
+    assert not any("not segmented" in flag for flag in meta["Flags"])
+    assert check_derivatives(out_new) == []

@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip-bids-validation", action="store_true", default=None,
                    help="skip the official BIDS validator and the spine-extension check")
     g.add_argument("-d", "--derivatives", nargs="+", type=Path, metavar="PATH",
-                   help="derivatives datasets with precomputed outputs (e.g. maps) to reuse")
+                   help="derivatives datasets with precomputed outputs to reuse: maps, "
+                   "segmentations (_dseg + dseg.tsv with index, name; any numbering) and "
+                   "endplate masks (_desc-endplates_dseg)")
 
     g = p.add_argument_group("performance and execution")
     g.add_argument("-w", "--work-dir", type=Path, metavar="DIR",

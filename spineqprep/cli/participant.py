@@ -170,24 +170,39 @@ def _plan_subject(config: RunConfig, subject: str) -> SubjectPlan:
             locator = located.get(s.session) or (others or [(s.session, s.acq)])[0]
             endplates[(s.session, s.acq)] = (s.files[0], locator)
     masks = {key: found for key in segment if (found := _precomputed_mask(config, subject, *key))}
+    endplate_masks = {key: found for key in endplates if (found := _precomputed_mask(
+        config, subject, *key, kind="endplates"))}
     return SubjectPlan(subject=subject, series=series, precomputed=precomputed,
-                       segment=segment, masks=masks, endplates=endplates)
+                       segment=segment, masks=masks, endplates=endplates,
+                       endplate_masks=endplate_masks)
 
 
-def _precomputed_mask(config: RunConfig, subject: str, session: str | None,
-                      acq: str | None) -> tuple[Path, Path] | None:
-    """A segmentation (and its look-up table) of this grid in a --derivatives dataset."""
+def _precomputed_mask(config: RunConfig, subject: str, session: str | None, acq: str | None,
+                      kind: str = "spine") -> tuple[Path, Path] | None:
+    """A segmentation (and its look-up table) of this grid in a --derivatives dataset:
+    ``sub-X[_ses-Y]_acq-Z_dseg.nii.gz``, for endplates ``..._desc-endplates_dseg.nii.gz`` (a
+    plain ``_dseg`` of a UTE grid is often a spine mask). Its table must name every label it
+    holds (:mod:`spineqprep.segmentation.lut`), checked here so that a bad table stops its
+    subject before any work starts."""
+    from spineqprep.segmentation.lut import check_segmentation
+
     entities = {k: v for k, v in {"sub": subject, "ses": session, "acq": acq}.items() if v}
+    if kind == "endplates":
+        entities["desc"] = "endplates"
     for root in config.derivatives:
         path = root / build_path(entities, "dseg", ".nii.gz")
-        if path.exists():
-            for lut in (path.with_name(path.name.replace(".nii.gz", ".tsv")), root / "dseg.tsv"):
-                if lut.exists():
-                    LOG.info("reusing %s", path)
-                    return path, lut
+        if not path.exists():
+            continue
+        own = path.with_name(path.name.replace(".nii.gz", ".tsv"))
+        lut = next((p for p in (own, root / "dseg.tsv") if p.exists()), None)
+        if lut is None:
             raise InputError("segmentation without a look-up table", path=path,
-                             fix=f"add {lut} (index, name, abbreviation) or a per-image "
-                             f"{path.name.replace('.nii.gz', '.tsv')}")
+                             fix=f"add {own.name} next to it (or dseg.tsv at {root}) with the "
+                             "columns index and name, one row per label, named by level "
+                             "(see docs/segmentation.md)")
+        check_segmentation(path, lut, kind)
+        LOG.info("reusing %s (labels from %s)", path, lut)
+        return path, lut
     return None
 
 

@@ -84,6 +84,42 @@ def _write_probsegs(probseg: nib.Nifti1Image, classes: tuple[str, ...], cwd: Pat
     return files, list(classes[1:])
 
 
+class _ImportSegmentationInputSpec(BaseInterfaceInputSpec):
+    in_dseg = File(exists=True, mandatory=True, desc="a precomputed segmentation (any numbering)")
+    in_labels = File(exists=True, mandatory=True, desc="its dseg.tsv (index, name ...)")
+    kind = traits.Enum("spine", "endplates", usedefault=True, desc="structures it may hold")
+
+
+class _ImportSegmentationOutputSpec(TraitedSpec):
+    out_dseg = File(exists=True, desc="the segmentation in spineqprep's label numbering")
+    out_labels = File(exists=True, desc="its standard look-up table (dseg.tsv)")
+    meta = traits.Dict(desc="sidecar fields: Levels (abbreviation -> label) it holds")
+
+
+class ImportSegmentation(SimpleInterface):
+    """Translate a segmentation given with ``-d`` to the standard label numbering through its
+    table (:mod:`spineqprep.segmentation.lut`), so later steps need not read the user's
+    table."""
+
+    input_spec = _ImportSegmentationInputSpec
+    output_spec = _ImportSegmentationOutputSpec
+
+    def _run_interface(self, runtime):
+        from spineqprep.segmentation.lut import check_segmentation, standardise
+
+        mapping = check_segmentation(self.inputs.in_dseg, self.inputs.in_labels,
+                                     self.inputs.kind)
+        img, rows = standardise(nib.load(self.inputs.in_dseg), mapping)
+        cwd = Path(runtime.cwd)
+        img.header.set_xyzt_units("mm")
+        img.to_filename(cwd / "dseg.nii.gz")
+        pd.DataFrame(rows, columns=["index", "name", "abbreviation"]).to_csv(
+            cwd / "dseg.tsv", sep="\t", index=False)
+        self._results.update(out_dseg=str(cwd / "dseg.nii.gz"), out_labels=str(cwd / "dseg.tsv"),
+                             meta={"Levels": {r["abbreviation"]: r["index"] for r in rows}})
+        return runtime
+
+
 class _RegionStatisticsInputSpec(BaseInterfaceInputSpec):
     in_map = File(exists=True, mandatory=True, desc="relaxation map")
     in_valid = File(exists=True, mandatory=True, desc="validity mask of the fit")

@@ -30,6 +30,8 @@ from spineqprep.errors import InputError
 from spineqprep.segmentation import model_io, trainset
 from spineqprep.segmentation.infer import predict_probabilities, spatial_image
 from spineqprep.segmentation.localise import CropBox, crop, l5_crop_box
+from spineqprep.segmentation.lut import ENDPLATE_LABELS as DSEG_LABELS
+from spineqprep.segmentation.lut import endplate_table
 from spineqprep.segmentation.network import build_network, count_parameters
 from spineqprep.synth import labels as lab
 from spineqprep.synth.anatomy import build_anatomy, rotation_matrix
@@ -40,9 +42,6 @@ CLASSES = ("background", "L4L5_superior", "L4L5_inferior", "L5S1_superior", "L5S
 #: Published binarisation cut-offs (maximised 3D Dice; METHODS.md section 2).
 DEFAULT_CUTOFFS = {"L4L5_superior": 0.24, "L4L5_inferior": 0.32, "L5S1_superior": 0.24,
                    "L5S1_inferior": 0.30}
-#: ``_dseg`` labels: the schema numbering (disc label + 300 superior, + 400 inferior CEP).
-DSEG_LABELS = {"L4L5_superior": 423, "L4L5_inferior": 523, "L5S1_superior": 424,
-               "L5S1_inferior": 524}
 SPACING_MM = 0.5  # the published UTE pixel
 CROP_PX = 128  # 64 mm at 0.5 mm
 WINDOW = 160  # bank planes (80 mm), deformed and cropped to CROP_PX
@@ -287,13 +286,6 @@ def calibrate(probs: np.ndarray, class_weights: Sequence[float] | None) -> np.nd
         return probs
     scaled = probs / np.asarray(class_weights, np.float32)
     return scaled / np.maximum(scaled.sum(axis=-1, keepdims=True), 1e-12)
-
-
-def endplate_table() -> list[dict[str, Any]]:
-    """``dseg.tsv`` rows of the endplate labels (index, name, abbreviation)."""
-    return [{"index": DSEG_LABELS[c], "name": f"{c.split('_')[1]} cartilage endplate of disc "
-             f"{c[:2]}-{c[2:4]}", "abbreviation": c.replace("_superior", "sup").replace(
-                 "_inferior", "inf")} for c in CLASSES[1:]]
 
 
 __all__ = ["CLASSES", "DEFAULT_CUTOFFS", "DSEG_LABELS", "EndplateSegmentation",

@@ -13,8 +13,11 @@ import numpy as np
 
 from spineqprep.errors import InputError
 from spineqprep.segmentation.infer import sagittal_axis
+from spineqprep.segmentation.postprocess import vertebra_label
 
-L5_LABEL = 24
+#: L5 in the standard numbering (24); a mask given with ``-d`` is translated to it on entry
+#: (:mod:`spineqprep.segmentation.lut`), so no user table is read here.
+L5_LABEL = vertebra_label(1)
 #: Published crop: 128 x 128 pixels of 0.5 mm (METHODS.md section 2).
 CROP_MM = (64.0, 64.0)
 

@@ -35,6 +35,9 @@ class SubjectPlan:
     #: (session, acq) of a UTE grid -> (its first echo, the ``segment`` key locating L5)
     endplates: dict[tuple[str | None, str | None],
                     tuple[Path, tuple[str | None, str | None]]] = field(default_factory=dict)
+    #: (session, acq) of a UTE grid -> endplate (dseg, dseg.tsv) given with --derivatives
+    endplate_masks: dict[tuple[str | None, str | None],
+                         tuple[Path, Path]] = field(default_factory=dict)
 
 
 def log_dir(config: RunConfig, subject: str) -> Path:
@@ -127,8 +130,10 @@ def init_single_subject_wf(config: RunConfig, plan: SubjectPlan) -> pe.Workflow:
                 ute, _entities(plan.subject, session, acq), staging_dir=staging,
                 raw_dir=config.bids_dir, weights=config.cep_weights, cutoffs=config.cutoffs,
                 omp_nthreads=config.omp_nthreads,
+                precomputed=plan.endplate_masks.get((session, acq)),
                 name=f"{_prefix(session)}endplates_acq_{acq or 'none'}_wf")
-            wf.connect(seg_wfs[locator], "outputnode.dseg", cep_wf, "inputnode.locator")
+            if (session, acq) not in plan.endplate_masks:
+                wf.connect(seg_wfs[locator], "outputnode.dseg", cep_wf, "inputnode.locator")
             staged.append((cep_wf, "outputnode.out_files"))
             staged += _region_statistics(wf, plan, series_wfs, cep_wf, session, acq,
                                          "endplates", staging)

@@ -10,7 +10,12 @@ from nipype.pipeline import engine as pe
 
 from spineqprep.bids.derivatives import bids_uri
 from spineqprep.interfaces.bids import DerivativesDataSink
-from spineqprep.interfaces.segmentation import RegionStatistics, SegmentEndplates, SegmentSpine
+from spineqprep.interfaces.segmentation import (
+    ImportSegmentation,
+    RegionStatistics,
+    SegmentEndplates,
+    SegmentSpine,
+)
 
 #: BIDS ``label-`` value of each network class's probability map
 PROBSEG_LABELS = {"vertebral_body": "VB", "sacrum": "sacrum", "disc": "disc"}
@@ -56,9 +61,7 @@ def init_spine_segmentation_wf(
                         run_without_submitting=True)
     if precomputed:
         wf.__desc__ = f"\n- segmentation of acq-{entities.get('acq')} reused from {precomputed[0]}"
-        ds_dseg.inputs.in_file, ds_labels.inputs.in_file = map(str, precomputed)
-        ds_dseg.inputs.sources = [*source, str(precomputed[0])]  # the image, then the labels
-        ds_dseg.inputs.meta_dict = {"Description": "Segmentation given with --derivatives."}
+        _import_precomputed(wf, precomputed, "spine", source, ds_dseg, ds_labels)
         merge = pe.Node(niu.Merge(2), name="merge_outputs", run_without_submitting=True)
     else:
         wf.__desc__ = (
@@ -119,69 +122,98 @@ def init_endplate_segmentation_wf(
     weights: Path | None = None,
     cutoffs: dict[str, float] | None = None,
     omp_nthreads: int = 1,
+    precomputed: tuple[Path, Path] | None = None,
     name: str = "endplate_seg_wf",
 ) -> pe.Workflow:
     """Segment the L4-L5 and L5-S1 cartilage endplates on ``in_file`` (the first UTE echo),
     in the crop centred on L5 of the level-labelled segmentation given to
     ``inputnode.locator``, and stage ``<entities>_desc-endplates_dseg`` (+ dseg.tsv and one
-    ``_label-<endplate>_probseg`` each).
+    ``_label-<endplate>_probseg`` each). With ``precomputed`` (``(dseg, dseg.tsv)`` given with
+    ``--derivatives``) the network does not run and ``inputnode.locator`` is not used: the mask
+    is translated to the standard labels and staged.
 
     Outputs (``outputnode``): ``out_files`` (staged), ``dseg`` and ``labels``.
     """
     wf = pe.Workflow(name=name)
-    wf.__desc__ = (
-        f"\n- the L4-L5 and L5-S1 superior and inferior cartilage endplates segmented on "
-        f"{Path(in_file).name} by spineqprep's endplate network in a 64 x 64 mm crop centred "
-        "on the L5 vertebral body (located on another image of the exam through the scanner "
-        "coordinates), binarised per endplate at the published cut-offs"
-    )
     inputnode = pe.Node(niu.IdentityInterface(fields=["locator"]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["out_files", "dseg", "labels"]),
                          name="outputnode")
-    seg = pe.Node(SegmentEndplates(in_file=str(in_file), num_threads=omp_nthreads),
-                  name="segment", n_procs=omp_nthreads)
-    if weights:
-        seg.inputs.weights = str(weights)
-    if cutoffs:
-        seg.inputs.cutoffs = cutoffs
     ents = {**entities, "desc": "endplates"}
     source = [bids_uri(in_file, raw_dir)]
-    ds_dseg = pe.Node(DerivativesDataSink(
-        base_directory=str(staging_dir), entities=ents, suffix="dseg", sources=source,
-        meta_dict={"Description": "Cartilage endplates of the L4-L5 and L5-S1 discs "
-                   "(spineqprep.segmentation.endplates).",
-                   "Model": str(weights) if weights else "spineqprep packaged endplate model"}),
-        name="ds_dseg", run_without_submitting=True)
-    ds_labels = pe.Node(DerivativesDataSink(base_directory=str(staging_dir), entities=ents,
-                                            suffix="dseg"), name="ds_labels",
+    sink = {"base_directory": str(staging_dir), "entities": ents, "suffix": "dseg"}
+    ds_dseg = pe.Node(DerivativesDataSink(**sink, sources=source), name="ds_dseg",
+                      run_without_submitting=True)
+    ds_labels = pe.Node(DerivativesDataSink(**sink), name="ds_labels",
                         run_without_submitting=True)
-    probseg_entities = pe.Node(niu.Function(function=_probseg_entities,
-                                            output_names=["entities"]),
-                               name="probseg_entities", run_without_submitting=True)
-    probseg_entities.inputs.entities = entities
-    probseg_entities.inputs.labels = {}
-    ds_prob = pe.MapNode(
-        DerivativesDataSink(base_directory=str(staging_dir), suffix="probseg", sources=source,
-                            meta_dict={"Description": "Probability of this cartilage endplate "
-                                       "(spineqprep's endplate network)."}),
-        iterfield=["in_file", "entities"], name="ds_probseg", run_without_submitting=True)
-    merge = pe.Node(niu.Merge(3, ravel_inputs=True), name="merge_outputs",
-                    run_without_submitting=True)
+    if precomputed:
+        wf.__desc__ = (f"\n- cartilage endplates of acq-{entities.get('acq')} reused from "
+                       f"{precomputed[0]}")
+        _import_precomputed(wf, precomputed, "endplates", source, ds_dseg, ds_labels)
+        merge = pe.Node(niu.Merge(2), name="merge_outputs", run_without_submitting=True)
+    else:
+        wf.__desc__ = (
+            f"\n- the L4-L5 and L5-S1 superior and inferior cartilage endplates segmented on "
+            f"{Path(in_file).name} by spineqprep's endplate network in a 64 x 64 mm crop "
+            "centred on the L5 vertebral body (located on another image of the exam through the "
+            "scanner coordinates), binarised per endplate at the published cut-offs"
+        )
+        seg = pe.Node(SegmentEndplates(in_file=str(in_file), num_threads=omp_nthreads),
+                      name="segment", n_procs=omp_nthreads)
+        if weights:
+            seg.inputs.weights = str(weights)
+        if cutoffs:
+            seg.inputs.cutoffs = cutoffs
+        ds_dseg.inputs.meta_dict = {
+            "Description": "Cartilage endplates of the L4-L5 and L5-S1 discs "
+            "(spineqprep.segmentation.endplates).",
+            "Model": str(weights) if weights else "spineqprep packaged endplate model"}
+        probseg_entities = pe.Node(niu.Function(function=_probseg_entities,
+                                                output_names=["entities"]),
+                                   name="probseg_entities", run_without_submitting=True)
+        probseg_entities.inputs.entities = entities
+        probseg_entities.inputs.labels = {}
+        ds_prob = pe.MapNode(
+            DerivativesDataSink(base_directory=str(staging_dir), suffix="probseg",
+                                sources=source, meta_dict={"Description": "Probability of "
+                                "this cartilage endplate (spineqprep's endplate network)."}),
+            iterfield=["in_file", "entities"], name="ds_probseg", run_without_submitting=True)
+        merge = pe.Node(niu.Merge(3, ravel_inputs=True), name="merge_outputs",
+                        run_without_submitting=True)
+        wf.connect([
+            (inputnode, seg, [("locator", "in_locator")]),
+            (seg, ds_dseg, [("out_dseg", "in_file"), ("qc", "extra_meta")]),
+            (seg, ds_labels, [("out_labels", "in_file")]),
+            (seg, probseg_entities, [("classes", "classes")]),
+            (seg, ds_prob, [("out_probseg", "in_file")]),
+            (probseg_entities, ds_prob, [("entities", "entities")]),
+            (ds_prob, merge, [("out_file", "in3")]),
+        ])
     wf.connect([
-        (inputnode, seg, [("locator", "in_locator")]),
-        (seg, ds_dseg, [("out_dseg", "in_file"), ("qc", "extra_meta")]),
-        (seg, ds_labels, [("out_labels", "in_file")]),
-        (seg, probseg_entities, [("classes", "classes")]),
-        (seg, ds_prob, [("out_probseg", "in_file")]),
-        (probseg_entities, ds_prob, [("entities", "entities")]),
         (ds_dseg, merge, [("out_file", "in1")]),
         (ds_labels, merge, [("out_file", "in2")]),
-        (ds_prob, merge, [("out_file", "in3")]),
         (merge, outputnode, [("out", "out_files")]),
         (ds_dseg, outputnode, [("out_file", "dseg")]),
         (ds_labels, outputnode, [("out_file", "labels")]),
     ])
     return wf
+
+
+def _import_precomputed(wf: pe.Workflow, precomputed: tuple[Path, Path], kind: str,
+                        source: list[str], ds_dseg: pe.Node, ds_labels: pe.Node) -> None:
+    """Translate a segmentation given with ``--derivatives`` to the standard label numbering
+    (the one place a user's table is read) and stage it; the sidecar's ``Sources`` name the
+    image, the mask and its table."""
+    imported = pe.Node(ImportSegmentation(in_dseg=str(precomputed[0]),
+                                          in_labels=str(precomputed[1]), kind=kind),
+                       name="import_dseg")
+    ds_dseg.inputs.sources = [*source, *map(str, precomputed)]
+    ds_dseg.inputs.meta_dict = {
+        "Description": "Segmentation given with --derivatives (not computed by spineqprep), "
+        "relabelled to spineqprep's numbering through its look-up table."}
+    wf.connect([
+        (imported, ds_dseg, [("out_dseg", "in_file"), ("meta", "extra_meta")]),
+        (imported, ds_labels, [("out_labels", "in_file")]),
+    ])
 
 
 def init_region_statistics_wf(
