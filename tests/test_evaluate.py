@@ -18,7 +18,7 @@ from spineqprep.errors import InputError, UsageError
 from spineqprep.metrics.evaluate import (
     CLASS_AUC_MARGIN_MM,
     CLASS_PROBSEGS,
-    LEVEL_ALIASES,
+    canonical_level,
     evaluate_datasets,
     lut_path,
     probseg_level,
@@ -261,6 +261,6 @@ def test_names_follow_the_pipeline_and_the_truth():
     pipeline = [row["abbreviation"] for row in endplate_table()]
     assert sorted(pipeline) == sorted(ENDPLATES)
     truth = {row["abbreviation"] for row in dseg_rows()}
-    assert {LEVEL_ALIASES[t] for t in TRUTH_NAMES if t in truth} == set(pipeline)
+    assert {canonical_level(t) for t in TRUTH_NAMES if t in truth} == set(pipeline)
     written = _probseg_entities({"sub": "01"}, list(CLASSES[1:]), {})
     assert [probseg_level(e["label"]) for e in written] == pipeline

@@ -8,12 +8,12 @@ import pandas as pd
 import pytest
 
 from spineqprep.errors import InputError
-from spineqprep.metrics.evaluate import read_lut
 from spineqprep.segmentation.localise import crop_box, l5_crop_box, label_centroid
 from spineqprep.segmentation.lut import (
     check_segmentation,
     endplate_table,
     label_mapping,
+    read_lut,
     standard_row,
     standardise,
 )

@@ -8,8 +8,9 @@ pipeline's ``desc-endplates`` against the synthetic truth's ``desc-tissues``). E
 look-up table is its nearest ``dseg.tsv`` (BIDS inheritance: the image's own sidecar, else one
 in a parent folder up to the dataset root). Levels are matched by abbreviation (by name when a
 table has no ``abbreviation`` column), never by index, so a manual segmentation with its own
-numbering compares with spineqprep's; :data:`LEVEL_ALIASES` names the synthetic truth's
-endplates as the pipeline does. A prediction on another grid is resampled (nearest neighbour)
+numbering compares with spineqprep's; names are read as the precomputed-mask import reads them
+(:func:`canonical_level`), so ``L4-L5`` and the synthetic truth's ``CEPsup_L4L5`` match the
+pipeline's ``L4L5`` and ``L4L5sup``. A prediction on another grid is resampled (nearest neighbour)
 onto the reference grid, with a warning.
 """
 
@@ -30,8 +31,8 @@ from spineqprep.bids.derivatives import atomic_write_text
 from spineqprep.bids.schema import load_schema
 from spineqprep.errors import InputError, UsageError
 from spineqprep.metrics import overlap, surface
+from spineqprep.segmentation.lut import read_lut, standard_row
 from spineqprep.stats.summary import parse_name
-from spineqprep.synth.labels import DISCS
 
 LOG = logging.getLogger("spineqprep")
 
@@ -44,10 +45,6 @@ METRICS: tuple[str, ...] = (
 GRID_TOLERANCE = 1e-3
 #: Suffixes of label images (integer labels listed in a ``dseg.tsv``): the only ones compared.
 LABEL_SUFFIXES: tuple[str, ...] = ("dseg",)
-#: Level names compared as the name on the right: the synthetic truth's cartilage endplates
-#: (``CEPsup_L4L5``) are the pipeline's ``L4L5sup`` (spineqprep.segmentation.endplates).
-LEVEL_ALIASES: dict[str, str] = {
-    f"CEP{side}_{disc}": f"{disc}{side}" for disc in DISCS for side in ("sup", "inf")}
 #: The spine network's class probability maps (``label-`` of workflows.segmentation
 #: PROBSEG_LABELS) and the level abbreviations each scores (``V<k>``/``D<k>``: vertebrae and
 #: discs whose level the pipeline could not name).
@@ -71,8 +68,11 @@ class Level(NamedTuple):
 
 
 def canonical_level(name: str) -> str:
-    """The name a level is matched by (:data:`LEVEL_ALIASES` applied)."""
-    return LEVEL_ALIASES.get(name, name)
+    """The name a level is matched by: the standard abbreviation of a name
+    :func:`spineqprep.segmentation.lut.standard_row` recognises (``L4-L5``, ``vertebral body
+    L5``, the synthetic truth's ``CEPsup_L4L5`` ...), else the name itself."""
+    row = standard_row(name)
+    return str(row["abbreviation"]) if row and row["index"] else name
 
 
 def probseg_level(label: str) -> str:
@@ -189,24 +189,6 @@ def evaluate_labels(pred: np.ndarray, ref: np.ndarray, levels: Sequence[Level],
 
 
 # -- look-up tables --------------------------------------------------------------------------
-
-def read_lut(path: str | Path) -> pd.DataFrame:
-    """A ``dseg.tsv`` look-up table (``index``, ``name``, optional ``abbreviation`` and
-    ``image``); ``InputError`` when it cannot be read or lacks a required column."""
-    path = Path(path)
-    try:
-        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise InputError(f"cannot read the label table: {err}", path=path) from err
-    missing = {"index", "name"} - set(table.columns)
-    if missing:
-        raise InputError(f"the label table has no column {sorted(missing)}", path=path,
-                         fix="a dseg.tsv needs the columns index, name (and abbreviation)")
-    if not table["index"].str.fullmatch(r"\d+").all():
-        raise InputError("the index column must hold non-negative integers", path=path)
-    table["index"] = table["index"].astype(int)
-    return table
-
 
 def _lut_for(table: pd.DataFrame, kind: str) -> pd.DataFrame:
     """Rows of the table that describe images of ``kind`` (``dseg``, ``desc-tissues`` ...):

@@ -59,6 +59,24 @@ def endplate_table() -> list[dict[str, Any]]:
                  "_inferior", "inf")} for c, index in ENDPLATE_LABELS.items()]
 
 
+def read_lut(path: str | Path) -> pd.DataFrame:
+    """A ``dseg.tsv`` look-up table (``index``, ``name``, optional ``abbreviation`` and
+    ``image``); ``InputError`` when it cannot be read or lacks a required column."""
+    path = Path(path)
+    try:
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise InputError(f"cannot read the label table: {err}", path=path) from err
+    missing = {"index", "name"} - set(table.columns)
+    if missing:
+        raise InputError(f"the label table has no column {sorted(missing)}", path=path,
+                         fix="a dseg.tsv needs the columns index, name (and abbreviation)")
+    if not table["index"].str.fullmatch(r"\d+").all():
+        raise InputError("the index column must hold non-negative integers", path=path)
+    table["index"] = table["index"].astype(int)
+    return table
+
+
 def _normal(name: str) -> str:
     return re.sub(r"[\s_\-]+", "", str(name)).lower()
 
@@ -78,7 +96,10 @@ def vocabulary() -> dict[str, dict[str, Any]]:
             words[_normal(alias)] = row
     words["sacrum"] = words["s1"]
     for cls, index in ENDPLATE_LABELS.items():
-        words[_normal(cls)] = next(r for r in rows if r["index"] == index)
+        row = next(r for r in rows if r["index"] == index)
+        disc, side = cls.split("_")
+        words[_normal(cls)] = row
+        words[_normal(f"CEP{side[:3]}_{disc}")] = row  # the synthetic truth's desc-tissues
     return words
 
 
@@ -104,7 +125,7 @@ def label_mapping(table: pd.DataFrame, present: Iterable[int], *, kind: str = "s
                   path: str | Path | None = None) -> dict[int, dict[str, Any]]:
     """User label -> standard row for every non-zero label ``present`` in the image.
 
-    ``table`` is a ``dseg.tsv`` as read by :func:`spineqprep.metrics.evaluate.read_lut`
+    ``table`` is a ``dseg.tsv`` as read by :func:`read_lut`
     (``index``, ``name``, optional ``abbreviation``); rows of labels absent from the image are
     ignored (one table may serve several images). ``InputError`` (naming ``path``) lists every
     label that has no row, a name that is not recognised, the wrong ``kind`` of structure, or
@@ -167,7 +188,6 @@ def check_segmentation(dseg_path: str | Path, lut_path: str | Path, kind: str = 
                        ) -> dict[int, dict[str, Any]]:
     """Read a precomputed segmentation and its table; the label mapping, or ``InputError``
     naming the file and the fix (an unreadable image or table, labels without known names)."""
-    from spineqprep.metrics.evaluate import read_lut
 
     try:
         present = np.unique(np.rint(np.asarray(nib.load(dseg_path).dataobj)).astype(np.int64))
