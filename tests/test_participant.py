@@ -20,6 +20,7 @@ from scipy.optimize import curve_fit
 from spineqprep.bids.validate_derivatives import check_derivatives
 from spineqprep.bids.validator import run_bids_validator
 from spineqprep.cli.run import main
+from spineqprep.relaxometry.regions import INCLUSION_RANGES
 from spineqprep.synth import generate_dataset
 
 MAPS = {"MESE": "T2map", "MESL": "T1rho", "MEGRE": "T2starmap"}
@@ -375,8 +376,11 @@ def test_manual_masks_from_derivatives_give_region_statistics(synth, processed, 
                                      f"{stem}_dseg.nii.gz").dataobj)
         l4l5 = table.set_index("region").loc["L4L5"]
         inside = (labels == 123) & valid
-        assert l4l5["n_valid"] == inside.sum()
-        assert l4l5["mean"] == pytest.approx(values[inside].mean(), rel=1e-5)
+        low, high = json.loads(path.with_suffix(".json").read_text())["InclusionRange"]
+        assert (low, high) == INCLUSION_RANGES[suffix]
+        kept = inside & (values > low) & (values < high)
+        assert l4l5["n_valid"] == inside.sum() and l4l5["n_included"] == kept.sum()
+        assert l4l5["mean"] == pytest.approx(values[kept].mean(), rel=1e-5)
         assert {"L1L2", "L5S1", "L3", "S1"} <= set(table["region"])
     assert check_derivatives(out) == []
     assert not run_bids_validator(out).errors

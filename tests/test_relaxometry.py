@@ -17,6 +17,7 @@ from scipy.optimize import OptimizeWarning, curve_fit
 
 from spineqprep.errors import InputError, SpineqprepError, UsageError
 from spineqprep.relaxometry import REASONS, crlb_monoexp, fit_images, fit_monoexp, monoexp
+from spineqprep.relaxometry.regions import INCLUSION_RANGES, region_statistics
 
 T2PREP = np.array([0.0, 12.0, 25.0, 51.0]) / 1000
 UTE = np.array([0.248, 5.2, 10.2, 15.2, 20.2, 25.2]) / 1000
@@ -441,3 +442,25 @@ def test_real_knee_t1rho_dicom_matches_curve_fit():
         # T far beyond the sampled 60 ms leaves the cost flat: compare where T is measurable
         ok &= ref < 0.3
         assert np.max(np.abs(got[ok] - ref[ok])) < 1e-4
+
+
+def test_region_statistics_keep_the_published_inclusion_range() -> None:
+    """ROI means use the voxels the publications keep (T2 < 150 ms): a valid fit of 400 ms in
+    a disc counts in n_valid but not in the mean; invalid fits count in neither."""
+    affine = np.eye(4)
+    t2 = np.full((4, 4, 1), 0.080)
+    t2[0, 0, 0] = 0.400  # valid but outside the published range
+    t2[1, 0, 0] = 0.050  # invalid fit
+    valid = np.ones(t2.shape, np.uint8)
+    valid[1, 0, 0] = 0
+    labels = np.zeros(t2.shape, np.uint8)
+    labels[:2] = 123
+    table = region_statistics(nib.Nifti1Image(t2, affine), nib.Nifti1Image(valid, affine),
+                              nib.Nifti1Image(labels, affine), {123: "L4L5"},
+                              INCLUSION_RANGES["T2map"]).set_index("region")
+    row = table.loc["L4L5"]
+    assert (row["n_voxels"], row["n_valid"], row["n_included"]) == (8, 7, 6)
+    assert row["mean"] == pytest.approx(0.080)
+    everything = region_statistics(nib.Nifti1Image(t2, affine), nib.Nifti1Image(valid, affine),
+                                   nib.Nifti1Image(labels, affine), {123: "L4L5"})
+    assert everything.loc[0, "mean"] == pytest.approx((6 * 0.080 + 0.400) / 7)

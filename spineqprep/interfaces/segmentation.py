@@ -125,6 +125,8 @@ class _RegionStatisticsInputSpec(BaseInterfaceInputSpec):
     in_valid = File(exists=True, mandatory=True, desc="validity mask of the fit")
     in_dseg = File(exists=True, mandatory=True, desc="segmentation")
     in_labels = File(exists=True, mandatory=True, desc="its look-up table (dseg.tsv)")
+    inclusion = traits.Tuple(traits.Float, traits.Float, mandatory=True,
+                             desc="open interval of the values kept (the map's units)")
 
 
 class _RegionStatisticsOutputSpec(TraitedSpec):
@@ -132,7 +134,7 @@ class _RegionStatisticsOutputSpec(TraitedSpec):
 
 
 class RegionStatistics(SimpleInterface):
-    """Mean, SD and median of a map over each labelled region (valid voxels only)."""
+    """Mean, SD and median of a map over each labelled region (valid, included voxels)."""
 
     input_spec = _RegionStatisticsInputSpec
     output_spec = _RegionStatisticsOutputSpec
@@ -141,7 +143,8 @@ class RegionStatistics(SimpleInterface):
         lut = pd.read_csv(self.inputs.in_labels, sep="\t")
         names = dict(zip(lut["index"].astype(int), lut["abbreviation"].astype(str), strict=True))
         table = region_statistics(nib.load(self.inputs.in_map), nib.load(self.inputs.in_valid),
-                                  nib.load(self.inputs.in_dseg), names)
+                                  nib.load(self.inputs.in_dseg), names,
+                                  tuple(self.inputs.inclusion))
         out = Path(runtime.cwd) / "regions.tsv"
         table.to_csv(out, sep="\t", index=False, na_rep="n/a", float_format="%.6g")
         self._results["out_tsv"] = str(out)

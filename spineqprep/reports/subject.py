@@ -189,7 +189,7 @@ def _segmentation_blocks(output_dir: Path, subject: str, sessions: Sequence[str]
             for col in ("mean", "sd", "median"):
                 table_[f"{col}_ms"] = table_[col] * 1e3
             html.append(f"<h4>{esc(regions.stem.split('_')[-1])} by region</h4>" + table(
-                table_, [("region", "region", fmt_text), ("n_valid", "valid voxels", fmt_int),
+                table_, [("region", "region", fmt_text), ("n_included", "voxels used", fmt_int),
                          ("mean_ms", "mean (ms)", fmt_ms), ("sd_ms", "SD (ms)", fmt_ms),
                          ("median_ms", "median (ms)", fmt_ms)], "regions"))
         out.append((session, "\n".join(html)))

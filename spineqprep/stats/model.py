@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from spineqprep.errors import UsageError
+from spineqprep.relaxometry.regions import INCLUSION_RANGES
 
 KINDS = ("variable", "group", "map", "time")
 SITE_MODES = ("covariate", "combat", "none")
 #: published inclusion ranges (seconds): T1rho < 200 ms, T2 < 150 ms (Iriondo et al. 2020).
-DEFAULT_RANGES: dict[str, tuple[float, float]] = {
-    "T1rho": (0.0, 0.200), "T2map": (0.0, 0.150), "T2starmap": (0.0, 0.5)}
+DEFAULT_RANGES: dict[str, tuple[float, float]] = dict(INCLUSION_RANGES)
 _LABEL = re.compile(r"[^a-zA-Z0-9]")
 
 

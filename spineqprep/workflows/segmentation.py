@@ -16,6 +16,7 @@ from spineqprep.interfaces.segmentation import (
     SegmentEndplates,
     SegmentSpine,
 )
+from spineqprep.relaxometry.regions import INCLUSION_RANGES
 
 #: BIDS ``label-`` value of each network class's probability map
 PROBSEG_LABELS = {"vertebral_body": "VB", "sacrum": "sacrum", "disc": "disc"}
@@ -24,12 +25,13 @@ REGION_COLUMNS = {
     "region": {"Description": "Abbreviation of the region in the segmentation's dseg.tsv"},
     "index": {"Description": "Label of the region in the segmentation"},
     "n_voxels": {"Description": "Voxels of the region"},
-    "n_valid": {"Description": "Voxels of the region where the fit is valid (used below)"},
-    "mean": {"Description": "Mean relaxation time over the valid voxels", "Units": "s"},
-    "sd": {"Description": "Standard deviation over the valid voxels", "Units": "s"},
-    "median": {"Description": "Median over the valid voxels", "Units": "s"},
-    "p25": {"Description": "25th percentile over the valid voxels", "Units": "s"},
-    "p75": {"Description": "75th percentile over the valid voxels", "Units": "s"},
+    "n_valid": {"Description": "Voxels of the region where the fit is valid"},
+    "n_included": {"Description": "Valid voxels whose value lies in InclusionRange (used below)"},
+    "mean": {"Description": "Mean relaxation time over the included voxels", "Units": "s"},
+    "sd": {"Description": "Standard deviation over the included voxels", "Units": "s"},
+    "median": {"Description": "Median over the included voxels", "Units": "s"},
+    "p25": {"Description": "25th percentile over the included voxels", "Units": "s"},
+    "p75": {"Description": "75th percentile over the included voxels", "Units": "s"},
 }
 
 
@@ -231,12 +233,16 @@ def init_region_statistics_wf(
     inputnode = pe.Node(niu.IdentityInterface(fields=["map", "mask", "dseg", "labels"]),
                         name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["out_file"]), name="outputnode")
-    stats = pe.Node(RegionStatistics(), name="region_statistics")
+    inclusion = INCLUSION_RANGES[suffix]
+    stats = pe.Node(RegionStatistics(inclusion=inclusion), name="region_statistics")
     ds = pe.Node(DerivativesDataSink(
         base_directory=str(staging_dir), entities={**entities, "desc": desc}, suffix=suffix,
         meta_dict={"Description": f"Whole-region statistics of the {suffix} over each labelled "
-                   "region of the segmentation on its grid (valid voxels only).",
-                   **REGION_COLUMNS}), name="ds_regions", run_without_submitting=True)
+                   "region of the segmentation on its grid: valid voxels with values in "
+                   "InclusionRange (the published ranges of the voxels kept for statistics, "
+                   "as at the group level).",
+                   "InclusionRange": list(inclusion), **REGION_COLUMNS}),
+        name="ds_regions", run_without_submitting=True)
     wf.connect([
         (inputnode, stats, [("map", "in_map"), ("mask", "in_valid"), ("dseg", "in_dseg"),
                             ("labels", "in_labels")]),
