@@ -38,7 +38,7 @@ from spineqprep.relaxometry import fit_images
 
 WARP_MODES = ("echoes", "maps", "both")
 QC_COLUMNS = ("level", "dice", "jacobian_mean", "jacobian_sd", "folded_fraction",
-              "histogram_distance", "fov_cut", "passed", "reason")
+              "histogram_distance", "fov_cut", "passed", "reason", "backend")
 
 
 @dataclass(frozen=True)
@@ -161,14 +161,15 @@ def _image(data: np.ndarray, like: nib.Nifti1Image) -> nib.Nifti1Image:
 
 
 def qc_rows(results: Sequence[DiscResult]) -> list[dict]:
-    """Rows of the per-grid ``desc-registration_qc.tsv`` (columns ``QC_COLUMNS``)."""
+    """Rows of the per-grid ``desc-registration_qc.tsv`` (columns ``QC_COLUMNS``); ``backend``
+    names the engine of the disc's transform (``ants`` where the fallback replaced elastix)."""
     rows = []
     for r in results:
         q = r.quality
         rows.append({"level": r.level, "dice": q.dice, "jacobian_mean": q.jacobian_mean,
                      "jacobian_sd": q.jacobian_sd, "folded_fraction": q.folded_fraction,
                      "histogram_distance": q.histogram_distance, "fov_cut": q.fov_cut,
-                     "passed": q.passed, "reason": q.reason})
+                     "passed": q.passed, "reason": q.reason, "backend": r.transform.backend})
     return rows
 
 
