@@ -141,6 +141,22 @@ def test_qc_table_names_each_disc_backend(tmp_path) -> None:
     assert list(QC_COLUMNS) == load_schema()["atlas"]["registration_qc_columns"]
 
 
+def test_discs_of_levels_missing_from_the_atlas_are_flagged(tmp_path) -> None:
+    """An atlas of some levels only (spineqprep-atlas study --levels): the other levels' discs
+    get a QC row "no atlas level" and no map; nothing crashes."""
+    atlas = tmp_path / "atlas"
+    atlas.mkdir()
+    shutil.copy(load_atlas().files["L1L2"], atlas)
+    dseg = np.zeros((20, 20, 20), np.uint8)
+    dseg[5:15, 5:15, 8:12] = disc_labels()["L4L5"]
+    results = register_grid(nib.Nifti1Image(dseg, np.eye(4)), [], load_atlas(atlas),
+                            tmp_path / "work", disc_labels=disc_labels(), levels=("L4L5",))
+    qc = stage_results(results, {}, {"sub": "01", "acq": "mese"}, tmp_path / "out", "echoes")
+    table = pd.read_csv(qc[-1], sep="\t", na_values="n/a", keep_default_na=False)
+    assert len(qc) == 1 and list(table["level"]) == ["L4L5"]
+    assert not table.loc[0, "passed"] and table.loc[0, "reason"].startswith("no atlas level")
+
+
 def test_boilerplate_names_the_ants_fallback(tmp_path) -> None:
     """The methods text says when a disc may have been registered by ANTs instead of elastix:
     with the packaged elastix parameters only (register_disc's fallback condition)."""

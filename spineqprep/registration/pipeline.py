@@ -33,7 +33,12 @@ from spineqprep.registration.disc import (
     is_single_slice,
     register_disc,
 )
-from spineqprep.registration.quality import DiscQuality, cut_by_fov, histogram_distance
+from spineqprep.registration.quality import (
+    DiscQuality,
+    cut_by_fov,
+    failed,
+    histogram_distance,
+)
 from spineqprep.relaxometry import fit_images
 
 WARP_MODES = ("echoes", "maps", "both")
@@ -88,6 +93,10 @@ def register_grid(
     single = is_single_slice(dseg)
     results = []
     for level in levels:
+        if level not in atlas.files:  # an atlas of some levels only: this disc is not mapped
+            results.append(DiscResult(level, DiscTransform(backend, ()), failed(
+                f"no atlas level: {mask_name(level)} is not in {atlas.root}"), {}, {}))
+            continue
         atlas_mask = atlas.mask_like(level, single)
         moving = disc_mask(dseg, disc_labels[level])
         transform, quality = register_disc(moving, atlas_mask, Path(work_dir) / level,
