@@ -74,9 +74,9 @@ def find_atlas_maps(output_dir: Path, warped: bool = False) -> list[AtlasMap]:
         parsed = parse_name(path.name)
         if parsed is None or parsed[1] not in MAP_QUANTITIES or "desc" in parsed[0]:
             continue
-        if parsed[0].get("label") != ("warped" if warped else None):
-            continue
         ent, suffix = parsed
+        if ent.get("label") != ("warped" if warped else None):
+            continue
         match = _SPACE.match(ent.get("space", ""))
         if match is None:
             continue
