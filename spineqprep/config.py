@@ -72,6 +72,8 @@ class RunConfig:
     group_permutations: int = 1000
     group_min_subjects: int = 10
     group_tfce: bool = True
+    #: analyse the label-warped atlas-space maps (native maps warped) instead of the fitted ones
+    group_warped_maps: bool = False
     run_uuid: str = ""
     version: str = __version__
 

@@ -62,13 +62,20 @@ def test_shipped_atlas_loads_with_one_disc_per_level() -> None:
         assert abs(plane.affine[0, 3]) <= 0.5  # the x = 0 plane
 
 
-def test_load_atlas_reports_a_missing_or_incomplete_folder(tmp_path) -> None:
+def test_load_atlas_reports_a_missing_or_empty_folder_and_loads_a_partial_one(tmp_path
+                                                                              ) -> None:
     with pytest.raises(InputError, match="does not exist"):
         A.load_atlas(tmp_path / "nope")
     partial = tmp_path / "atlas"
     shutil.copytree(A.shipped_atlas_dir(), partial)
     (partial / A.mask_name("L4L5")).unlink()
+    atlas = A.load_atlas(partial)  # e.g. spineqprep-atlas study --levels: the levels it has
+    assert set(atlas.files) == set(A.LEVELS) - {"L4L5"}
     with pytest.raises(InputError, match="L4L5"):
+        atlas.mask("L4L5")
+    for path in partial.glob("*_mask.nii.gz"):
+        path.unlink()
+    with pytest.raises(InputError, match="no atlas disc"):
         A.load_atlas(partial)
 
 
@@ -165,6 +172,7 @@ def test_study_atlas_from_a_datasets_healthy_discs(tmp_path) -> None:
     assert card["DiscsPerLevel"]["L1L2"] >= 2
     mask = nib.load(out / A.mask_name("L1L2"))
     assert np.asarray(mask.dataobj).sum() > 0
+    assert set(A.load_atlas(out).files) == {"L1L2"}  # usable with --atlas
     # too strict a filter is a clear user error, not a traceback
     assert atlas_main(["study", str(synth.truth_dir), str(grades), str(tmp_path / "x"),
                        "--max-grade", "0"]) != 0

@@ -289,6 +289,13 @@ def test_tune_command(tmp_path, elastix2d):
     bspline = (tmp_path / "tuned" / "elastix_bspline.txt").read_text()
     assert f"(MaximumNumberOfIterations {best['values']['MaximumNumberOfIterations']})" in bspline
     assert "(RandomSeed 3)" in bspline
+    # the header states the tuned values and their origin, not the packaged file's 4 mm / 100
+    header = " ".join(ln.removeprefix("// ") for ln in bspline.splitlines()
+                      if ln.startswith("//"))
+    assert "instead of the published" not in bspline and "spineqprep-tune" in header
+    assert (f"{best['values']['FinalGridSpacingInPhysicalUnits']:g} mm and "
+            f"{best['values']['MaximumNumberOfIterations']} iterations") in header
+    assert "seed 3, 2 trials" in header and f"L = {best['loss']:.4f}" in header
     tuned = [tmp_path / "tuned" / n for n in ("elastix_affine.txt", "elastix_bspline.txt")]
     _, quality = register_disc(elastix2d["mask"], elastix2d["atlas"], tmp_path / "reg",
                                parameter_maps=tuned)

@@ -14,12 +14,20 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
+from spineqprep.bids.schema import load_schema
 from spineqprep.bids.validate_derivatives import check_derivatives
 from spineqprep.cli.run import main
-from spineqprep.registration import apply_transform
+from spineqprep.registration import DiscTransform, apply_transform
 from spineqprep.registration.atlas import load_atlas, space_name
-from spineqprep.registration.pipeline import SeriesInput, disc_labels, register_grid
-from spineqprep.registration.quality import cut_by_fov
+from spineqprep.registration.pipeline import (
+    QC_COLUMNS,
+    DiscResult,
+    SeriesInput,
+    disc_labels,
+    register_grid,
+    stage_results,
+)
+from spineqprep.registration.quality import DiscQuality, cut_by_fov
 from spineqprep.relaxometry import fit_images
 from spineqprep.synth import generate_dataset
 
@@ -119,6 +127,51 @@ def test_fov_cut_is_a_mask_touching_an_image_face() -> None:
     assert not cut_by_fov(mask[:, :, 2:3])  # a single slice is not cut along its normal
 
 
+def test_qc_table_names_each_disc_backend(tmp_path) -> None:
+    """A disc the ANTs fallback registered says so in the QC table, not only in its sidecars;
+    the schema lists the table's columns."""
+    quality = DiscQuality(0.9, 1.0, 0.1, 0.0, None, True, "")
+    failed = DiscQuality(0.5, 1.0, 0.1, 0.0, None, False, "Dice 0.50 < 0.85")
+    results = [DiscResult("L4L5", DiscTransform("ants", ()), quality, {}, {}),
+               DiscResult("L5S1", DiscTransform("elastix", ()), failed, {}, {})]
+    qc = stage_results(results, {}, {"sub": "01", "acq": "mese"}, tmp_path, "echoes")[-1]
+    table = pd.read_csv(qc, sep="\t", na_values="n/a", keep_default_na=False)
+    assert list(table.columns) == list(QC_COLUMNS)
+    assert list(table["backend"]) == ["ants", "elastix"]
+    assert list(QC_COLUMNS) == load_schema()["atlas"]["registration_qc_columns"]
+
+
+def test_discs_of_levels_missing_from_the_atlas_are_flagged(tmp_path) -> None:
+    """An atlas of some levels only (spineqprep-atlas study --levels): the other levels' discs
+    get a QC row "no atlas level" and no map; nothing crashes."""
+    atlas = tmp_path / "atlas"
+    atlas.mkdir()
+    shutil.copy(load_atlas().files["L1L2"], atlas)
+    dseg = np.zeros((20, 20, 20), np.uint8)
+    dseg[5:15, 5:15, 8:12] = disc_labels()["L4L5"]
+    results = register_grid(nib.Nifti1Image(dseg, np.eye(4)), [], load_atlas(atlas),
+                            tmp_path / "work", disc_labels=disc_labels(), levels=("L4L5",))
+    qc = stage_results(results, {}, {"sub": "01", "acq": "mese"}, tmp_path / "out", "echoes")
+    table = pd.read_csv(qc[-1], sep="\t", na_values="n/a", keep_default_na=False)
+    assert len(qc) == 1 and list(table["level"]) == ["L4L5"]
+    assert not table.loc[0, "passed"] and table.loc[0, "reason"].startswith("no atlas level")
+
+
+def test_boilerplate_names_the_ants_fallback(tmp_path) -> None:
+    """The methods text says when a disc may have been registered by ANTs instead of elastix:
+    with the packaged elastix parameters only (register_disc's fallback condition)."""
+    from spineqprep.workflows.registration import init_disc_registration_wf
+
+    def desc(**kw) -> str:
+        return init_disc_registration_wf({"sub": "01"}, [], staging_dir=tmp_path,
+                                         raw_dir=tmp_path, **kw).__desc__
+
+    assert "registered with ANTsPy (affine, then SyN) instead" in desc()
+    assert "backend column" in desc()
+    assert "instead when" not in desc(backend="ants")
+    assert "ANTsPy" not in desc(parameter_maps=[tmp_path / "elastix_bspline.txt"])
+
+
 def test_participant_level_writes_atlas_space_maps_and_flags_a_failed_disc(tmp_path) -> None:
     synth = generate_dataset(tmp_path / "bids", n_subjects=1, n_sites=1, seed=HELD_OUT_SEED)
     subject = synth.participants[0]
@@ -146,7 +199,7 @@ def test_participant_level_writes_atlas_space_maps_and_flags_a_failed_disc(tmp_p
                      na_values="n/a", keep_default_na=False)
     assert list(qc.columns) == ["level", "dice", "jacobian_mean", "jacobian_sd",
                                 "folded_fraction", "histogram_distance", "fov_cut", "passed",
-                                "reason"]
+                                "reason", "backend"]
     failed = qc.set_index("level").loc["L1L2"]
     assert str(failed["passed"]).lower() == "false" and "empty" in failed["reason"]
     assert not list(anat.glob("*_space-SpineDiscL1L2_*"))

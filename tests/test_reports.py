@@ -292,3 +292,24 @@ def test_user_errors(dataset, tmp_path: Path) -> None:
     pd.DataFrame({"id": ["sub-01"]}).to_csv(bad / "participants.tsv", sep="\t", index=False)
     with pytest.raises(InputError, match="participant_id"):
         summarise_maps(out, bad)
+
+
+def test_single_slice_registration_before_panel() -> None:
+    """A single sagittal slice, slightly oblique (2 degrees about SI), shows the native map and
+    the native disc outline in the registration report's "before" panel: the atlas plane lies
+    within the slice's thickness, if not exactly on its centre plane."""
+    from test_registration_engine import _rotation, make_case
+
+    from spineqprep.reports.registration import before_panel, mid_sagittal_plane
+
+    case = make_case(True)
+    tilt = np.eye(4)
+    tilt[:3, :3] = _rotation([0, 0, 2])
+    native = nib.Nifti1Image(np.asarray(case["map"].dataobj), tilt @ case["map"].affine)
+    dseg = nib.Nifti1Image(np.asarray(case["mask"].dataobj) * 7, tilt @ case["mask"].affine)
+    plane, _ = mid_sagittal_plane(case["atlas"])
+    values, disc = before_panel(native, dseg, 7, plane)
+    assert np.isfinite(values).mean() > 0.8
+    # the native outline: about the atlas disc's area (the native disc is scaled, then bent)
+    atlas_area = (np.asarray(case["atlas"].dataobj)[0] > 0).sum()
+    assert 0.7 < disc.sum() / atlas_area < 1.5

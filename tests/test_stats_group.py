@@ -197,3 +197,75 @@ def test_acquisitions_of_one_quantity_are_pooled(study, tmp_path) -> None:
     assert set(used["acq"]) == {"fse", "mapss"}
     assert used["participant_id"].is_unique and len(used) == sidecar["NSubjects"]
     assert sidecar["NSubjects"] >= 0.8 * len(subjects)
+
+
+def _atlas_map(out: Path, sub: str, ses: str | None, value: float, *extra: str) -> Path:
+    """A hand-made L4L5 T2map in atlas space; ``extra`` entities (e.g. ``label-warped``, what
+    ``--warp both`` gives the warped native maps) go before ``space``."""
+    parts = [sub] + ([ses] if ses else [])
+    name = "_".join([*parts, "acq-mese", *extra, "space-SpineDiscL4L5", "T2map.nii.gz"])
+    path = out.joinpath(*parts, "anat", name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.full((4, 4, 2), value, dtype=np.float32), np.eye(4)), path)
+    path.with_name(name.replace(".nii.gz", ".json")).write_text(
+        json.dumps({"RegistrationQC": {"Passed": True}}))
+    return path
+
+
+def test_warp_both_maps_are_not_mixed_and_time_pairs_distinct_sessions(tmp_path) -> None:
+    """``--warp both`` writes a fitted and a warped copy of every map: the group level uses one
+    kind, so a single-session subject is no fake longitudinal pair of the two copies."""
+    from spineqprep.stats.run import _units, find_atlas_maps
+
+    out = tmp_path / "out"
+    fitted = {key: _atlas_map(out, *key, 0.08) for key in
+              [("sub-01", None), ("sub-02", "ses-1"), ("sub-02", "ses-2")]}
+    warped = {key: _atlas_map(out, *key, 0.09, "label-warped") for key in fitted}
+    assert {m.path for m in find_atlas_maps(out)} == set(fitted.values())
+    assert {m.path for m in find_atlas_maps(out, warped=True)} == set(warped.values())
+    units, excluded = _units(find_atlas_maps(out), "time")
+    assert excluded == [{"participant_id": "sub-01",
+                         "reason": "only one session (no session entity)"}]
+    assert list(units["participant_id"]) == ["sub-02"]
+    assert (units.loc[0, "path"], units.loc[0, "path_last"]) == (
+        fitted["sub-02", "ses-1"], fitted["sub-02", "ses-2"])
+    units, excluded = _units(find_atlas_maps(out), "variable")
+    assert list(units["participant_id"]) == ["sub-01", "sub-02"] and not excluded
+    # two maps of one session (two runs) are no pair either
+    for run in ("run-1", "run-2"):
+        _atlas_map(out, "sub-03", "ses-1", 0.08, run)
+    units, excluded = _units([m for m in find_atlas_maps(out) if m.participant_id == "sub-03"],
+                             "time")
+    assert units.empty and excluded[0]["reason"] == "only one session (ses-1)"
+
+
+def test_group_warped_maps_option_analyses_the_warped_copies(tmp_path) -> None:
+    """By default the maps fitted in atlas space enter, each subject once; with
+    ``--group-warped-maps`` the ``label-warped`` ones (here 0.8 times the fitted values, inside
+    the inclusion range). One session each: nobody enters the time analysis."""
+    generate_group_maps(tmp_path / "raw", tmp_path / "out",
+                        GroupMapsSpec(n_subjects=12, n_sites=1, seed=2, qc_fail=0))
+    for path in list((tmp_path / "out").rglob("*_space-SpineDisc*_T1rho.*")):
+        copy = path.with_name(path.name.replace("_space-", "_label-warped_space-"))
+        if path.name.endswith(".json"):
+            copy.write_text(path.read_text())
+        else:
+            img = nib.load(path)
+            nib.save(nib.Nifti1Image(img.get_fdata(dtype=np.float32) * 0.8, img.affine), copy)
+    means = []
+    for extra in ([], ["--group-warped-maps"]):
+        assert main([str(tmp_path / "raw"), str(tmp_path / "out"), "group", "-w",
+                     str(tmp_path / "w"), "--group-correlate", "odi", "--group-longitudinal",
+                     "--group-covariates", "--group-permutations", "20", "--group-no-tfce",
+                     *extra]) == 0
+        prefix = (tmp_path / "out" / "group" / "corrodi" /
+                  "corrodi_space-SpineDiscL4L5_acq-mapss_desc-T1rho_contrast-odi_stat-")
+        meta = json.loads(Path(f"{prefix}t_statmap.json").read_text())
+        assert meta["Excluded"] == [{"participant_id": "sub-004", "reason": "missing odi"}]
+        assert meta["NSubjects"] == 11 and len(set(meta["Subjects"])) == 11
+        means.append(np.nanmean(nib.load(f"{prefix}meanall_statmap.nii.gz").get_fdata()))
+        change = pd.read_csv(tmp_path / "out" / "group" / "change" / "change_subjects.tsv",
+                             sep="\t")
+        assert not change["used"].any()
+        assert set(change["reason"]) == {"only one session (no session entity)"}
+    assert means[1] == pytest.approx(0.8 * means[0], rel=1e-4)

@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--max-grade", type=float, default=2.0,
                     help="discs with a grade up to this count as healthy")
     st.add_argument("--acq", help="only segmentations of this acquisition label")
-    st.add_argument("--levels", nargs="+", choices=LEVELS, default=list(LEVELS))
+    st.add_argument("--levels", nargs="+", choices=LEVELS, default=list(LEVELS),
+                    help="levels to build; with an atlas of some levels, the discs of the "
+                    "others are not registered (QC reason 'no atlas level')")
     st.add_argument("--seed", type=int, default=0, help="registration seed")
     st.add_argument("--iterations", type=int, default=TEMPLATE_ITERATIONS,
                     help="template construction iterations")

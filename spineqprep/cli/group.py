@@ -78,7 +78,7 @@ def run_group(config: RunConfig) -> int:
     from spineqprep.stats.summary import summarise_maps
 
     summary = summarise_maps(config.output_dir, bids_dir=config.bids_dir)
-    maps = find_atlas_maps(config.output_dir)
+    maps = find_atlas_maps(config.output_dir, warped=config.group_warped_maps)
     if config.participant_label:
         wanted = [f"sub-{s}" for s in config.participant_label]
         summary = summary[summary["participant_id"].isin(wanted)]
@@ -92,12 +92,14 @@ def run_group(config: RunConfig) -> int:
     atomic_write_text(summary.to_csv(sep="\t", index=False, na_rep="n/a"), table)
     outcomes = []
     if not maps:
-        print("spineqprep: no atlas-space maps (space-SpineDisc<LEVEL>) in the output folder: "
-              "voxel-wise statistics skipped")
+        kind = "label-warped " if config.group_warped_maps else ""
+        print(f"spineqprep: no {kind}atlas-space maps (space-SpineDisc<LEVEL>) in the output "
+              "folder: voxel-wise statistics skipped")
     else:
         model = group_model(config, maps)
         outcomes = run_analyses(config.output_dir, config.bids_dir, model,
-                                n_procs=config.nprocs, participants=config.participant_label)
+                                n_procs=config.nprocs, participants=config.participant_label,
+                                warped=config.group_warped_maps)
         stats_table = config.output_dir / "group" / "desc-voxelwise_statistics.tsv"
         frame = summary_table(outcomes) if outcomes else pd.DataFrame()
         atomic_write_text(frame.to_csv(sep="\t", index=False, na_rep="n/a"), stats_table)

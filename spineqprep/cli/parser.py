@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--group-min-subjects", type=int, metavar="N",
                    help="analyse a voxel only when at least N subjects have a value there "
                    "(default 10)")
+    g.add_argument("--group-warped-maps", action="store_true", default=None,
+                   help="analyse the native maps warped into atlas space (label-warped, from "
+                   "--warp both) instead of the maps fitted in atlas space (default, as "
+                   "published)")
     g.add_argument("--group-no-tfce", dest="group_tfce", action="store_false", default=None,
                    help="skip threshold-free cluster enhancement")
     return p
@@ -178,6 +182,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         "group_permutations": ns.group_permutations,
         "group_min_subjects": ns.group_min_subjects,
         "group_tfce": ns.group_tfce,
+        "group_warped_maps": ns.group_warped_maps,
     }
     settings.update({k: v for k, v in cli.items() if v is not None})
     if ns.bids_filter_file is not None:

@@ -92,7 +92,11 @@ class Atlas:
 
 
 def load_atlas(path: str | Path | None = None) -> Atlas:
-    """Load the atlas in ``path`` (default: the shipped one), checking every level's disc."""
+    """Load the atlas in ``path`` (default: the shipped one), checking each level's disc.
+
+    An atlas may hold some levels only (``spineqprep-atlas study --levels``): the discs of the
+    other levels are not registered (``register_grid`` flags them "no atlas level").
+    """
     root = shipped_atlas_dir() if path is None else Path(path).expanduser().resolve()
     if not root.is_dir():
         raise InputError("the atlas folder does not exist", path=root,
@@ -101,13 +105,16 @@ def load_atlas(path: str | Path | None = None) -> Atlas:
     for level in LEVELS:
         file = root / mask_name(level)
         if not file.is_file():
-            raise InputError(f"the atlas has no disc for level {level}", path=root,
-                             fix=f"add {mask_name(level)} (build one with spineqprep-atlas)")
+            continue
         img = nib.load(file)
         if len(img.shape) != 3 or not (np.asarray(img.dataobj) > 0.5).any():
             raise InputError("an atlas disc must be a non-empty 3D binary mask", path=file,
                              fix="rebuild the atlas with spineqprep-atlas")
         files[level] = file
+    if not files:
+        raise InputError("the atlas folder holds no atlas disc", path=root,
+                         fix=f"add {mask_name('<LEVEL>')} files (build them with "
+                             "spineqprep-atlas)")
     try:
         scales = json.loads((root / "atlas.json").read_text()).get("CanonicalScale", {})
     except (OSError, ValueError):

@@ -33,12 +33,17 @@ from spineqprep.registration.disc import (
     is_single_slice,
     register_disc,
 )
-from spineqprep.registration.quality import DiscQuality, cut_by_fov, histogram_distance
+from spineqprep.registration.quality import (
+    DiscQuality,
+    cut_by_fov,
+    failed,
+    histogram_distance,
+)
 from spineqprep.relaxometry import fit_images
 
 WARP_MODES = ("echoes", "maps", "both")
 QC_COLUMNS = ("level", "dice", "jacobian_mean", "jacobian_sd", "folded_fraction",
-              "histogram_distance", "fov_cut", "passed", "reason")
+              "histogram_distance", "fov_cut", "passed", "reason", "backend")
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,10 @@ def register_grid(
     single = is_single_slice(dseg)
     results = []
     for level in levels:
+        if level not in atlas.files:  # an atlas of some levels only: this disc is not mapped
+            results.append(DiscResult(level, DiscTransform(backend, ()), failed(
+                f"no atlas level: {mask_name(level)} is not in {atlas.root}"), {}, {}))
+            continue
         atlas_mask = atlas.mask_like(level, single)
         moving = disc_mask(dseg, disc_labels[level])
         transform, quality = register_disc(moving, atlas_mask, Path(work_dir) / level,
@@ -161,14 +170,15 @@ def _image(data: np.ndarray, like: nib.Nifti1Image) -> nib.Nifti1Image:
 
 
 def qc_rows(results: Sequence[DiscResult]) -> list[dict]:
-    """Rows of the per-grid ``desc-registration_qc.tsv`` (columns ``QC_COLUMNS``)."""
+    """Rows of the per-grid ``desc-registration_qc.tsv`` (columns ``QC_COLUMNS``); ``backend``
+    names the engine of the disc's transform (``ants`` where the fallback replaced elastix)."""
     rows = []
     for r in results:
         q = r.quality
         rows.append({"level": r.level, "dice": q.dice, "jacobian_mean": q.jacobian_mean,
                      "jacobian_sd": q.jacobian_sd, "folded_fraction": q.folded_fraction,
                      "histogram_distance": q.histogram_distance, "fov_cut": q.fov_cut,
-                     "passed": q.passed, "reason": q.reason})
+                     "passed": q.passed, "reason": q.reason, "backend": r.transform.backend})
     return rows
 
 

@@ -14,6 +14,7 @@ import csv
 import json
 import sys
 import tempfile
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +112,16 @@ def tune(
                                 sampler=optuna.samplers.TPESampler(seed=seed))
     study.optimize(objective, n_trials=trials)
     best = _trial_values(study.best_trial)
-    files = _write(out_dir, affine_text, set_parameters(bspline_base, best))
+    header = (
+        f"spineqprep-tune {__version__}: the B-spline stage of {bspline_file} with rigidity "
+        f"weight Metric1Weight {best['Metric1Weight']:.4g}, final grid spacing "
+        f"{best['FinalGridSpacingInPhysicalUnits']:g} mm and "
+        f"{best['MaximumNumberOfIterations']} iterations, chosen by TPE (optuna, seed {seed}, "
+        f"{trials} trials) minimising mean(1 - Dice + SD(det J)) over {len(pairs)} disc / "
+        f"atlas mask pairs: L = {study.best_value:.4f}. Every trial and pair: tuning.json "
+        "beside this file.")
+    files = _write(out_dir, affine_text,
+                   _with_header(set_parameters(bspline_base, best), header))
     record = {
         "loss": "mean(1 - Dice + SD(detJ))",
         "best": {"values": best, "loss": study.best_value},
@@ -133,6 +143,16 @@ def _trial_values(trial) -> dict:
         "MaximumNumberOfIterations": trial.suggest_int("MaximumNumberOfIterations", 50, 300,
                                                        step=50),
     }
+
+
+def _with_header(text: str, header: str) -> str:
+    """Parameter-file text whose leading comment block (which describes the values it started
+    from) is replaced by ``header``, wrapped into comment lines."""
+    lines = text.splitlines(keepends=True)
+    start = next((k for k, line in enumerate(lines) if not line.lstrip().startswith("//")),
+                 len(lines))
+    return ("".join(f"// {line}\n" for line in textwrap.wrap(header, 94, break_on_hyphens=False))
+            + "".join(lines[start:]))
 
 
 def _two_maps(base_maps: Sequence[Path] | None) -> tuple[Path, Path]:

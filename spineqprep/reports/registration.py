@@ -88,10 +88,7 @@ def plot_registration_figure(folder: Path, stem: str, suffix: str, qc: pd.DataFr
         plane, extent = mid_sagittal_plane(after)
         after_values = _plane_values(after, plane)
         atlas_disc = np.isfinite(after_values)
-        disc = (np.asarray(dseg.dataobj) == labels[level]).astype(np.float32)
-        before_values = _plane_values(native_map, plane, centre=_centroid(dseg, disc))
-        before_disc = _plane_values(nib.Nifti1Image(disc, dseg.affine), plane,
-                                    centre=_centroid(dseg, disc)) > 0.5
+        before_values, before_disc = before_panel(native_map, dseg, labels[level], plane)
         finite = after_values[atlas_disc]
         lo, hi = (np.percentile(finite, [2, 98]) if finite.size else (0.0, 0.2))
         for ax, values, title in ((axes[row][0], before_values, "before"),
@@ -126,6 +123,16 @@ def mid_sagittal_plane(atlas_img: nib.Nifti1Image) -> tuple[np.ndarray, list[flo
     return points[..., :3], [float(ys.min()), float(ys.max()), float(zs.min()), float(zs.max())]
 
 
+def before_panel(native_map: nib.Nifti1Image, dseg: nib.Nifti1Image, label: int,
+                 plane: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The "before" panel: the native map and the native disc (``label`` of ``dseg``) on the
+    atlas plane moved onto the native disc's centroid; (values, disc outline mask)."""
+    disc = (np.asarray(dseg.dataobj) == label).astype(np.float32)
+    centre = _centroid(dseg, disc)
+    return (_plane_values(native_map, plane, centre=centre),
+            _plane_values(nib.Nifti1Image(disc, dseg.affine), plane, centre=centre) > 0.5)
+
+
 def _centroid(img: nib.Nifti1Image, mask: np.ndarray) -> np.ndarray | None:
     if not mask.any():
         return None
@@ -136,16 +143,23 @@ def _centroid(img: nib.Nifti1Image, mask: np.ndarray) -> np.ndarray | None:
 def _plane_values(img: nib.Nifti1Image, plane: np.ndarray,
                   centre: np.ndarray | None = None) -> np.ndarray:
     """``img`` sampled (linear, NaN outside) at the plane's points, shifted so the atlas
-    origin lands on ``centre`` (None: no shift)."""
+    origin lands on ``centre`` (None: no shift).
+
+    A voxel covers half a voxel beyond its centre, so points within half a voxel of the grid
+    take the edge value: a single (e.g. slightly oblique) sagittal slice is sampled across its
+    thickness instead of only exactly at its centre plane.
+    """
     points = plane + (0.0 if centre is None else centre)
     data = np.asarray(img.dataobj, np.float32)
     if data.ndim == 2:
         data = data[:, :, None]
     vox = np.linalg.solve(img.affine, np.vstack([points.reshape(-1, 3).T,
                                                  np.ones(points[..., 0].size)]))[:3]
+    last = np.array(data.shape, dtype=float)[:, None] - 1
+    inside = np.all((vox >= -0.5) & (vox <= last + 0.5), axis=0)
+    vox = np.clip(vox, 0.0, last)
     finite = np.isfinite(data)
-    values = ndimage.map_coordinates(np.where(finite, data, 0.0), vox, order=1,
-                                     mode="constant", cval=np.nan)
-    support = ndimage.map_coordinates(finite.astype(np.float32), vox, order=1, mode="constant")
-    values[support < 0.5] = np.nan
+    values = ndimage.map_coordinates(np.where(finite, data, 0.0), vox, order=1)
+    support = ndimage.map_coordinates(finite.astype(np.float32), vox, order=1)
+    values[~inside | (support < 0.5)] = np.nan
     return values.reshape(points.shape[:2])

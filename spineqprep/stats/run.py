@@ -4,7 +4,9 @@ correct, and write BIDS derivatives under ``<output_dir>/group/<analysis>/``.
 Every analysis runs per disc level and per map quantity (suffix), pooled over acquisitions:
 sites run their own protocols (acq), and site as a covariate or ComBat absorbs the protocol
 effect; a subject with several acquisitions of one quantity enters with the first (by name)
-only. A subject enters an analysis if
+only; of the two kinds of map ``--warp both`` writes, one is analysed (fitted in atlas space by
+default, the ``label-warped`` native maps with ``--group-warped-maps``). A subject enters an
+analysis if
 its map passed registration QC and it has every variable of the model; the others are listed
 in ``<analysis>_subjects.tsv`` with the reason. Voxel values outside the map's inclusion range
 are missing; a voxel is analysed when at least ``MinSubjects`` subjects have a value there.
@@ -59,14 +61,22 @@ class AtlasMap:
     passed: bool
 
 
-def find_atlas_maps(output_dir: Path) -> list[AtlasMap]:
-    """All ``space-SpineDisc<LEVEL>`` maps under ``output_dir`` with their QC verdict."""
+def find_atlas_maps(output_dir: Path, warped: bool = False) -> list[AtlasMap]:
+    """The ``space-SpineDisc<LEVEL>`` maps of one kind under ``output_dir``, with their QC verdict.
+
+    ``--warp both`` writes two maps of each disc: fitted in atlas space (no ``label``) and the
+    native map warped (``label-warped``). Mixing them would count a subject twice (and pair a
+    session with its own copy over time), so only the unlabelled maps are returned, or only the
+    ``label-warped`` ones when ``warped``.
+    """
     found = []
     for path in sorted(Path(output_dir).glob("sub-*/**/anat/*_space-SpineDisc*.nii*")):
         parsed = parse_name(path.name)
         if parsed is None or parsed[1] not in MAP_QUANTITIES or "desc" in parsed[0]:
             continue
         ent, suffix = parsed
+        if ent.get("label") != ("warped" if warped else None):
+            continue
         match = _SPACE.match(ent.get("space", ""))
         if match is None:
             continue
@@ -160,15 +170,22 @@ class Outcome:
 
 
 def _units(maps: list[AtlasMap], kind: str) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
-    """Rows analysed (one per subject, or first/last session pairs) and exclusions."""
-    by_subject: dict[str, list[AtlasMap]] = {}
-    for m in sorted(maps, key=lambda m: (m.participant_id, m.session_id or "")):
-        by_subject.setdefault(m.participant_id, []).append(m)
+    """Rows analysed (one per subject, or first/last session pairs) and exclusions.
+
+    A subject's maps are taken one per session (the first by name); a time analysis pairs its
+    first and last distinct sessions, and excludes a subject with fewer than two.
+    """
+    by_subject: dict[str, dict[str | None, AtlasMap]] = {}
+    for m in sorted(maps, key=lambda m: (m.participant_id, m.session_id or "", m.path.name)):
+        by_subject.setdefault(m.participant_id, {}).setdefault(m.session_id, m)
     rows, excluded = [], []
-    for pid, items in by_subject.items():
+    for pid, sessions in by_subject.items():
+        items = list(sessions.values())
         chosen = [items[0], items[-1]] if kind == "time" else [items[0]]
         if kind == "time" and len(items) < 2:
-            excluded.append({"participant_id": pid, "reason": "only one session"})
+            reason = f"only one session ({items[0].session_id or 'no session entity'})"
+            LOG.info("group: %s left out of the time analysis: %s", pid, reason)
+            excluded.append({"participant_id": pid, "reason": reason})
             continue
         failed = [m for m in chosen if not m.passed]
         if failed:
@@ -291,10 +308,12 @@ def _impute(data: np.ndarray) -> np.ndarray:
 
 
 def run_analyses(output_dir: Path, bids_dir: Path | None, model: GroupModel, *,
-                 n_procs: int = 1, participants: Sequence[str] = ()) -> list[Outcome]:
-    """Run every analysis of ``model`` on the atlas-space maps of ``output_dir``."""
+                 n_procs: int = 1, participants: Sequence[str] = (),
+                 warped: bool = False) -> list[Outcome]:
+    """Run every analysis of ``model`` on the atlas-space maps of ``output_dir`` (the
+    ``label-warped`` ones when ``warped``, see :func:`find_atlas_maps`)."""
     output_dir = Path(output_dir)
-    maps = find_atlas_maps(output_dir)
+    maps = find_atlas_maps(output_dir, warped=warped)
     if participants:
         wanted = {f"sub-{p.removeprefix('sub-')}" for p in participants}
         maps = [m for m in maps if m.participant_id in wanted]

@@ -11,6 +11,7 @@ from nipype.pipeline import engine as pe
 from spineqprep.bids.derivatives import bids_uri
 from spineqprep.bids.layout import Series
 from spineqprep.interfaces.registration import RegisterDiscs
+from spineqprep.registration.disc import RETRIES
 
 #: Maps brought into atlas space (the published voxel-based relaxometry: T2 and T1rho).
 REGISTERED_TARGETS = ("T2map", "T1rho")
@@ -44,6 +45,7 @@ def init_disc_registration_wf(
         f"level's atlas disc (space SpineDisc<LEVEL>) with {_BACKEND_TEXT[backend]}, guided by "
         "its segmentation mask; registrations that folded (det J <= 0) or overlapped the atlas "
         "disc with Dice below 0.85 were flagged and excluded. "
+        + (_FALLBACK_TEXT if backend == "elastix" and not parameter_maps else "")
         + ("Every echo / spin-lock image was warped into atlas space and the relaxation time "
            "fitted there." if warp != "maps" else
            "The native relaxation maps were warped into atlas space.")
@@ -80,3 +82,7 @@ _BACKEND_TEXT = {
                "of the published mutual information; METHODS: Iriondo et al. 2020)",
     "ants": "ANTsPy (affine, then SyN)",
 }
+#: What ``register_disc`` does when every elastix attempt fails (packaged parameters only).
+_FALLBACK_TEXT = (f"A disc that failed all {RETRIES + 1} elastix attempts was registered with "
+                  f"{_BACKEND_TEXT['ants']} instead when that passed the same checks; the QC "
+                  "table's backend column names the engine of each disc. ")
