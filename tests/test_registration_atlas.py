@@ -176,3 +176,45 @@ def test_study_atlas_from_a_datasets_healthy_discs(tmp_path) -> None:
     # too strict a filter is a clear user error, not a traceback
     assert atlas_main(["study", str(synth.truth_dir), str(grades), str(tmp_path / "x"),
                        "--max-grade", "0"]) != 0
+
+
+def test_disc_masks_read_any_numbering_and_tune_over_a_dataset(tmp_path) -> None:
+    """Discs of a derivatives dataset are found by their names (a manual mask numbered its
+    own way, with an index/name table) and become spineqprep-tune's pairs."""
+    from spineqprep.registration.tune import main as tune_main
+    from spineqprep.synth import generate_dataset
+
+    synth = generate_dataset(tmp_path / "bids", n_subjects=1, n_sites=1, seed=SEED)
+    truth = synth.truth_dir / "sub-01" / "anat" / "sub-01_acq-mapss_dseg.nii.gz"
+    manual = tmp_path / "manual" / "sub-01" / "anat"
+    manual.mkdir(parents=True)
+    (tmp_path / "manual" / "dataset_description.json").write_text(json.dumps(
+        {"Name": "manual", "BIDSVersion": "1.10.1", "DatasetType": "derivative"}))
+    img = nib.load(truth)
+    data = np.asarray(img.dataobj)
+    renumbered = np.zeros(data.shape, np.uint8)
+    rows = ["index\tname"]
+    for new, level in enumerate(A.LEVELS, start=1):
+        renumbered[data == lab.disc(lab.DISCS.index(level))] = new
+        rows.append(f"{new}\tintervertebral disc {level[:2]}-{level[2:]}")
+    nib.save(nib.Nifti1Image(renumbered, img.affine), manual / "sub-01_acq-mapss_dseg.nii.gz")
+    (manual / "sub-01_acq-mapss_dseg.tsv").write_text("\n".join(rows) + "\n")
+
+    found = A.disc_masks(tmp_path / "manual")
+    assert [level for _, level, _ in found] == list(A.LEVELS)
+    for _, level, mask in found:
+        expected = data == lab.disc(lab.DISCS.index(level))
+        assert np.array_equal(np.asarray(mask.dataobj) > 0, expected)
+    assert len(A.disc_masks(synth.truth_dir, acq="mapss")) == len(A.LEVELS)
+
+    out = tmp_path / "tuned"
+    assert tune_main([str(tmp_path / "manual"), str(out), "--trials", "1",
+                      "--max-discs", "2", "--seed", "1"]) == 0
+    pairs = (out / "pairs" / "pairs.tsv").read_text().splitlines()
+    assert len(pairs) == 3 and pairs[0] == "moving\tatlas"
+    assert json.loads((out / "tuning.json").read_text())["best"]["loss"] < 0.5
+    assert (out / "elastix_bspline.txt").is_file()
+    # options of the folder mode with a pairs table: a usage error, no work
+    (tmp_path / "pairs.tsv").write_text("moving\tatlas\n")
+    assert tune_main([str(tmp_path / "pairs.tsv"), str(tmp_path / "x"), "--acq", "mapss"]) == 2
+    assert tune_main([str(tmp_path / "bids"), str(tmp_path / "y")]) == 1  # no segmentation

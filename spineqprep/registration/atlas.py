@@ -349,28 +349,49 @@ def canonical_scale(mask: nib.Nifti1Image, level: str) -> list[float]:
 
 
 # ---- a study-specific atlas: a dataset's own healthy discs ---------------------------------
-def healthy_disc_masks(derivatives: str | Path, grades: dict[tuple[str, str | None, str], float],
-                       max_grade: float, acq: str | None = None
-                       ) -> dict[str, list[nib.Nifti1Image]]:
-    """Disc masks of the ``_dseg`` files under ``derivatives`` whose disc grade (keyed by
-    (subject, session, level)) is at most ``max_grade``; single-slice masks are skipped."""
+def disc_masks(derivatives: str | Path, *, acq: str | None = None,
+               single_slices: bool = False) -> list[tuple[dict[str, str], str, nib.Nifti1Image]]:
+    """(entities, level, binary mask) of every disc of every spine segmentation
+    (``sub-*_dseg.nii.gz`` without ``desc`` / ``space``) under ``derivatives``: labels read by
+    name through the image's ``dseg.tsv`` (BIDS inheritance; any numbering, as ``-d`` masks),
+    the standard numbering when it has none. Single-slice images only with ``single_slices``;
+    a disc of fewer than 4 voxels is skipped."""
+    from spineqprep.metrics.evaluate import lut_path
+    from spineqprep.segmentation.lut import check_segmentation
     from spineqprep.synth import labels as lab
 
-    index = {level: lab.disc(lab.DISCS.index(level)) for level in LEVELS}
-    out: dict[str, list[nib.Nifti1Image]] = {level: [] for level in LEVELS}
-    for path in sorted(Path(derivatives).rglob("sub-*_dseg.nii.gz")):
+    root = Path(derivatives)
+    standard = {level: lab.disc(lab.DISCS.index(level)) for level in LEVELS}
+    out = []
+    for path in sorted(root.rglob("sub-*_dseg.nii.gz")):
         entities = dict(part.split("-", 1) for part in path.name.split("_")[:-1] if "-" in part)
         if "desc" in entities or "space" in entities or (acq and entities.get("acq") != acq):
             continue
         img = nib.load(path)
-        if len(img.shape) != 3 or min(img.shape) == 1:
+        if len(img.shape) != 3 or (min(img.shape) == 1 and not single_slices):
             continue
-        data = np.asarray(img.dataobj)
-        for level, value in index.items():
-            grade = grades.get((entities["sub"], entities.get("ses"), level))
-            if grade is None or grade > max_grade or not (data == value).sum() >= 4:
-                continue
-            out[level].append(nib.Nifti1Image((data == value).astype(np.uint8), img.affine))
+        table = lut_path(path, root)
+        labels = standard if table is None else {
+            row["abbreviation"]: label for label, row in check_segmentation(path, table).items()
+            if row["abbreviation"] in LEVELS}
+        data = np.rint(np.asarray(img.dataobj)).astype(np.int64)
+        for level, value in labels.items():
+            mask = data == value
+            if mask.sum() >= 4:
+                out.append((entities, level, nib.Nifti1Image(mask.astype(np.uint8), img.affine)))
+    return out
+
+
+def healthy_disc_masks(derivatives: str | Path, grades: dict[tuple[str, str | None, str], float],
+                       max_grade: float, acq: str | None = None
+                       ) -> dict[str, list[nib.Nifti1Image]]:
+    """3D disc masks (:func:`disc_masks`) whose disc grade (keyed by (subject, session,
+    level)) is at most ``max_grade``, per level."""
+    out: dict[str, list[nib.Nifti1Image]] = {level: [] for level in LEVELS}
+    for entities, level, mask in disc_masks(derivatives, acq=acq):
+        grade = grades.get((entities["sub"], entities.get("ses"), level))
+        if grade is not None and grade <= max_grade:
+            out[level].append(mask)
     return out
 
 

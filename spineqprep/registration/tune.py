@@ -4,7 +4,9 @@ As published (METHODS.md section 1): minimise L = (1/N) sum_i (1 - Dice_i + SD(d
 N (disc mask, atlas disc mask) pairs with a tree-structured Parzen estimator (optuna), over the
 B-spline stage's rigidity weight, final grid spacing (mm) and iterations, then write the chosen
 parameter maps (pass them back with ``--registration-params``). A disc that fails to register
-scores 2 (Dice 0, SD 1).
+scores 2 (Dice 0, SD 1). The pairs come from a table, or from a derivatives dataset: every disc
+of every segmentation in it (spineqprep's output or manual masks), against its level's atlas
+disc (``pairs_from_derivatives``).
 """
 
 from __future__ import annotations
@@ -65,6 +67,45 @@ def read_pairs(table: Path) -> list[tuple[Path, Path]]:
                                  fix="fix the path (relative paths start at the table's folder)")
         pairs.append((moving, atlas))
     return pairs
+
+
+def pairs_from_derivatives(derivatives: Path, folder: Path, *, atlas_dir: Path | None = None,
+                           acq: str | None = None, max_discs: int | None = None,
+                           seed: int = 0) -> list[tuple[Path, Path]]:
+    """Every disc of the segmentations under ``derivatives`` (3D and single-slice), paired with
+    its level's atlas disc (the 3D disc, or its mid-sagittal slice): the masks and
+    ``pairs.tsv`` are written to ``folder`` (the record of what was tuned on). ``max_discs``:
+    a random subset of that many (seeded), since each trial registers every pair."""
+    from spineqprep.registration.atlas import disc_masks, load_atlas
+    from spineqprep.registration.disc import is_single_slice
+
+    derivatives = Path(derivatives)
+    if not derivatives.is_dir():
+        raise UsageError("the derivatives folder does not exist", path=derivatives,
+                         fix="pass a folder of _dseg segmentations (e.g. spineqprep's output)")
+    discs = disc_masks(derivatives, acq=acq, single_slices=True)
+    atlas = load_atlas(atlas_dir)
+    discs = [d for d in discs if d[1] in atlas.files]
+    if not discs:
+        raise InputError("no disc of an atlas level in any segmentation here", path=derivatives,
+                         fix="pass a derivatives folder with sub-*_dseg.nii.gz disc labels"
+                             + (f" of acq-{acq}" if acq else ""))
+    if max_discs is not None and max_discs < len(discs):
+        keep = np.random.default_rng(seed).choice(len(discs), max_discs, replace=False)
+        discs = [discs[i] for i in sorted(keep)]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = ["moving\tatlas"]
+    for entities, level, mask in discs:
+        single = is_single_slice(mask)
+        atlas_name = f"atlas_{level}{'_2d' if single else ''}.nii.gz"
+        if not (folder / atlas_name).exists():
+            nib.save(atlas.mask_like(level, single), folder / atlas_name)
+        name = "_".join(f"{k}-{v}" for k, v in entities.items()) + f"_{level}_mask.nii.gz"
+        nib.save(mask, folder / name)
+        rows.append(f"{name}\t{atlas_name}")
+    (folder / "pairs.tsv").write_text("\n".join(rows) + "\n")
+    return read_pairs(folder / "pairs.tsv")
 
 
 def loss(pairs: Sequence[tuple[nib.Nifti1Image, nib.Nifti1Image]], parameter_maps: Sequence[Path],
@@ -179,14 +220,21 @@ def build_parser() -> argparse.ArgumentParser:
         "mask pairs, and write the chosen parameter files.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("pairs", type=Path, help="TSV with columns 'moving' (a disc mask, NIfTI) "
-                   "and 'atlas' (that level's atlas disc mask); paths relative to the TSV")
+    p.add_argument("pairs", type=Path, help="a TSV with columns 'moving' (a disc mask, NIfTI) "
+                   "and 'atlas' (that level's atlas disc mask; paths relative to the TSV), or "
+                   "a derivatives folder: every disc of its sub-*_dseg segmentations against "
+                   "its level's atlas disc (the pairs are written to OUT_DIR/pairs)")
     p.add_argument("out_dir", type=Path, help="where elastix_affine.txt, elastix_bspline.txt "
                    "and tuning.json go")
     p.add_argument("--trials", type=int, default=30, help="optimisation trials")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler and of elastix")
     p.add_argument("--base-params", type=Path, nargs=2, metavar=("AFFINE", "BSPLINE"),
                    help="parameter files to start from (default: the packaged ones)")
+    p.add_argument("--atlas", type=Path, help="with a derivatives folder: the atlas (default "
+                   "the packaged one)")
+    p.add_argument("--acq", help="with a derivatives folder: only segmentations of this acq")
+    p.add_argument("--max-discs", type=int, metavar="N",
+                   help="with a derivatives folder: a random subset of N discs (seeded)")
     p.add_argument("--version", action="version", version=f"spineqprep-tune {__version__}")
     return p
 
@@ -195,7 +243,18 @@ def main(argv: list[str] | None = None) -> int:
     """Tune; print the chosen values; user errors end in one message without a traceback."""
     args = build_parser().parse_args(argv)
     try:
-        result = tune(read_pairs(args.pairs), args.out_dir, trials=args.trials, seed=args.seed,
+        folder_only = [o for o, v in (("--atlas", args.atlas), ("--acq", args.acq),
+                                       ("--max-discs", args.max_discs)) if v is not None]
+        if folder_only and not args.pairs.is_dir():
+            raise UsageError(f"{', '.join(folder_only)} apply to a derivatives folder, not a "
+                             "pairs table", path=args.pairs,
+                             fix="drop them, or pass the derivatives folder")
+        if args.max_discs is not None and args.max_discs < 1:
+            raise UsageError(f"--max-discs must be at least 1, got {args.max_discs}")
+        pairs = (pairs_from_derivatives(args.pairs, args.out_dir / "pairs", atlas_dir=args.atlas,
+                                        acq=args.acq, max_discs=args.max_discs, seed=args.seed)
+                 if args.pairs.is_dir() else read_pairs(args.pairs))
+        result = tune(pairs, args.out_dir, trials=args.trials, seed=args.seed,
                       base_maps=args.base_params)
     except SpineqprepError as err:
         print(f"spineqprep-tune: error: {err}", file=sys.stderr)
