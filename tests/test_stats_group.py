@@ -263,6 +263,11 @@ def test_group_warped_maps_option_analyses_the_warped_copies(tmp_path) -> None:
         meta = json.loads(Path(f"{prefix}t_statmap.json").read_text())
         assert meta["Excluded"] == [{"participant_id": "sub-004", "reason": "missing odi"}]
         assert meta["NSubjects"] == 11 and len(set(meta["Subjects"])) == 11
+        # Sources: the 11 maps analysed, of the kind asked for, each in the output dataset
+        assert len(meta["Sources"]) == 11
+        assert all(("_label-warped_" in uri) == bool(extra) for uri in meta["Sources"])
+        assert all((tmp_path / "out" / uri.removeprefix("bids::")).is_file()
+                   for uri in meta["Sources"])
         means.append(np.nanmean(nib.load(f"{prefix}meanall_statmap.nii.gz").get_fdata()))
         change = pd.read_csv(tmp_path / "out" / "group" / "change" / "change_subjects.tsv",
                              sep="\t")

@@ -518,6 +518,9 @@ def _infer(analysis: Analysis, inference: Inference, contrast: Contrast, vector:
         "Subjects": [f"{p}" + (f"_{s}" if isinstance(s, str) else "")
                      for p, s in zip(units["participant_id"], units["session_id"],
                                      strict=True)],
+        "Sources": list(dict.fromkeys(  # the maps analysed (both sessions' for "time")
+            f"bids::{Path(p).relative_to(root.parent).as_posix()}"
+            for column in ("path", "path_last") if column in units for p in units[column])),
         "Excluded": excluded, "NSubjects": n, "DegreesOfFreedom": dof,
         "Units": {"effect": "ms per unit of the tested regressor", "r": "partial correlation"},
         "InclusionRange": list(inference.ranges.get(suffix, (0.0, float("inf")))),
