@@ -20,10 +20,10 @@ from spineqprep.metrics.evaluate import (
     CLASS_PROBSEGS,
     canonical_level,
     evaluate_datasets,
-    lut_path,
     probseg_level,
 )
 from spineqprep.metrics.surface import voxel_spacing
+from spineqprep.segmentation.lut import lut_path
 from spineqprep.segmentation.postprocess import label_table
 from spineqprep.synth import generate_dataset
 

@@ -184,7 +184,7 @@ def _precomputed_mask(config: RunConfig, subject: str, session: str | None, acq:
     plain ``_dseg`` of a UTE grid is often a spine mask). Its table must name every label it
     holds (:mod:`spineqprep.segmentation.lut`), checked here so that a bad table stops its
     subject before any work starts."""
-    from spineqprep.segmentation.lut import check_segmentation
+    from spineqprep.segmentation.lut import check_segmentation, lut_path
 
     entities = {k: v for k, v in {"sub": subject, "ses": session, "acq": acq}.items() if v}
     if kind == "endplates":
@@ -194,7 +194,7 @@ def _precomputed_mask(config: RunConfig, subject: str, session: str | None, acq:
         if not path.exists():
             continue
         own = path.with_name(path.name.replace(".nii.gz", ".tsv"))
-        lut = next((p for p in (own, root / "dseg.tsv") if p.exists()), None)
+        lut = lut_path(path, root)
         if lut is None:
             raise InputError("segmentation without a look-up table", path=path,
                              fix=f"add {own.name} next to it (or dseg.tsv at {root}) with the "

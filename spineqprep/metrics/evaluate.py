@@ -31,7 +31,7 @@ from spineqprep.bids.derivatives import atomic_write_text
 from spineqprep.bids.schema import load_schema
 from spineqprep.errors import InputError, UsageError
 from spineqprep.metrics import overlap, surface
-from spineqprep.segmentation.lut import read_lut, standard_row
+from spineqprep.segmentation.lut import lut_path, read_lut, standard_row
 from spineqprep.stats.summary import parse_name
 
 LOG = logging.getLogger("spineqprep")
@@ -324,7 +324,6 @@ def evaluate_pair(pred_path: str | Path, ref_path: str | Path, levels: Sequence[
 # -- datasets --------------------------------------------------------------------------------
 
 Key = tuple[tuple[str, str], ...]
-_TSV_ENTITY = re.compile(r"([a-zA-Z0-9]+)-([a-zA-Z0-9]+)")
 
 
 def _files(root: Path, suffix: str) -> dict[Key, Path]:
@@ -350,34 +349,6 @@ def _probseg_index(root: Path) -> dict[Key, dict[str, Path]]:
         if level is not None:
             index.setdefault(_without(key, "label"), {})[level] = path
     return index
-
-
-def _tsv_entities(name: str) -> dict[str, str] | None:
-    """Entities of a ``[<entities>_]dseg.tsv`` file name, ``None`` for another file."""
-    if name == "dseg.tsv":
-        return {}
-    *parts, last = name.split("_")
-    matches = [_TSV_ENTITY.fullmatch(part) for part in parts]
-    if last != "dseg.tsv" or not all(matches):
-        return None
-    return {m[1]: m[2] for m in matches}
-
-
-def lut_path(image: Path, root: Path) -> Path | None:
-    """The ``dseg.tsv`` that applies to ``image`` by BIDS inheritance: in the image's folder,
-    then each parent up to ``root``, the first folder holding a ``[<entities>_]dseg.tsv`` whose
-    entities all belong to the image; there, the one with most entities (the image's own
-    ``<image stem>_dseg.tsv`` sidecar first). ``None`` when there is none."""
-    entities = parse_name(image.name)[0].items()
-    folder = image.parent
-    while True:
-        found = [(len(ents), tsv) for tsv in folder.glob("*dseg.tsv")
-                 if (ents := _tsv_entities(tsv.name)) is not None and ents.items() <= entities]
-        if found:
-            return max(found)[1]
-        if folder == root or root not in folder.parents:
-            return None
-        folder = folder.parent
 
 
 class _Tables:

@@ -356,8 +356,7 @@ def disc_masks(derivatives: str | Path, *, acq: str | None = None,
     name through the image's ``dseg.tsv`` (BIDS inheritance; any numbering, as ``-d`` masks),
     the standard numbering when it has none. Single-slice images only with ``single_slices``;
     a disc of fewer than 4 voxels is skipped."""
-    from spineqprep.metrics.evaluate import lut_path
-    from spineqprep.segmentation.lut import check_segmentation
+    from spineqprep.segmentation.lut import check_segmentation, lut_path
     from spineqprep.synth import labels as lab
 
     root = Path(derivatives)

@@ -42,6 +42,7 @@ from spineqprep.segmentation.postprocess import (
     vertebra_label,
     vertebra_name,
 )
+from spineqprep.stats.summary import parse_name
 
 #: ``_dseg`` labels of the cartilage endplates: the schema numbering (disc label + 300
 #: superior, + 400 inferior cartilage endplate).
@@ -50,6 +51,7 @@ ENDPLATE_LABELS = {"L4L5_superior": 423, "L4L5_inferior": 523, "L5S1_superior": 
 #: What a precomputed mask may hold: vertebral bodies, sacrum and discs, or endplates.
 KINDS = {"spine": "a spine segmentation", "endplates": "an endplate segmentation"}
 _GENERIC = re.compile(r"([vd])(\d{1,2})")
+_TSV_ENTITY = re.compile(r"([a-zA-Z0-9]+)-([a-zA-Z0-9]+)")
 
 
 def endplate_table() -> list[dict[str, Any]]:
@@ -75,6 +77,34 @@ def read_lut(path: str | Path) -> pd.DataFrame:
         raise InputError("the index column must hold non-negative integers", path=path)
     table["index"] = table["index"].astype(int)
     return table
+
+
+def _tsv_entities(name: str) -> dict[str, str] | None:
+    """Entities of a ``[<entities>_]dseg.tsv`` file name, ``None`` for another file."""
+    if name == "dseg.tsv":
+        return {}
+    *parts, last = name.split("_")
+    matches = [_TSV_ENTITY.fullmatch(part) for part in parts]
+    if last != "dseg.tsv" or not all(matches):
+        return None
+    return {m[1]: m[2] for m in matches}
+
+
+def lut_path(image: Path, root: Path) -> Path | None:
+    """The ``dseg.tsv`` that applies to ``image`` by BIDS inheritance: in the image's folder,
+    then each parent up to ``root``, the first folder holding a ``[<entities>_]dseg.tsv`` whose
+    entities all belong to the image; there, the one with most entities (the image's own
+    ``<image stem>_dseg.tsv`` sidecar first). ``None`` when there is none."""
+    entities = parse_name(image.name)[0].items()
+    folder = image.parent
+    while True:
+        found = [(len(ents), tsv) for tsv in folder.glob("*dseg.tsv")
+                 if (ents := _tsv_entities(tsv.name)) is not None and ents.items() <= entities]
+        if found:
+            return max(found)[1]
+        if folder == root or root not in folder.parents:
+            return None
+        folder = folder.parent
 
 
 def _normal(name: str) -> str:
