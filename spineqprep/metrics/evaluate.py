@@ -215,27 +215,32 @@ def match_levels(pred_lut: pd.DataFrame, ref_lut: pd.DataFrame,
                  labels: Sequence[str] | None = None) -> list[Level]:
     """The levels to evaluate, matched by abbreviation (name when a table has none) through
     :func:`canonical_level`, never by index: those named in ``labels`` (abbreviation, name or
-    reference index) that either table lists; else the reference table's levels in its order
-    (those the prediction's table lacks, i.e. missed structures, only when it has a level of
-    the same kind, :func:`probseg_class`: a disc-only prediction is not charged with the
-    vertebrae), then the levels only the prediction's table lists (false positives).
+    reference index), else the reference table's levels in its order, then the levels only the
+    prediction's table lists (false positives). A level only the reference lists (a missed
+    structure) is scored only when the prediction has a level of the same kind
+    (:func:`probseg_class`): a disc-only prediction, or an endplate mask paired with a tissue
+    map, is not charged with the vertebrae.
     ``InputError`` when the tables share no level (without ``labels``)."""
     key = _label_key(pred_lut, ref_lut)
     pred, ref = _by_level(pred_lut, key), _by_level(ref_lut, key)
+    kinds = {probseg_class(lv) for lv in pred} - {None}
+
+    def scored(lv: str) -> bool:  # in the prediction, or a miss of a kind it segments
+        return lv in pred or (lv in ref and probseg_class(lv) in kinds)
+
     if labels is None:
         if not set(pred) & set(ref):
             raise InputError(
                 f"the predicted and reference label tables share no {key}",
                 fix=f"label both datasets' dseg.tsv with the same {key}s "
                 f"(reference: {', '.join(list(ref)[:8])} ...)")
-        kinds = {probseg_class(lv) for lv in pred} - {None}
-        chosen = [lv for lv in ref if lv in pred or probseg_class(lv) in kinds]
+        chosen = [lv for lv in ref if scored(lv)]
         chosen += [lv for lv in pred if lv not in ref]
     else:
         names = {str(n): lv for lv, (i, n) in (*pred.items(), *ref.items())}
         names.update({str(i): lv for lv, (i, _) in ref.items()})
         chosen = [names.get(label, canonical_level(label)) for label in labels]
-        chosen = [lv for lv in dict.fromkeys(chosen) if lv in pred or lv in ref]
+        chosen = [lv for lv in dict.fromkeys(chosen) if scored(lv)]
     return [Level(lv, (ref.get(lv) or pred[lv])[1],
                   ref[lv][0] if lv in ref else None, pred[lv][0] if lv in pred else None)
             for lv in chosen]
