@@ -53,18 +53,11 @@ def init_spine_segmentation_wf(
     table) for region statistics.
     """
     wf = pe.Workflow(name=name)
-    outputnode = pe.Node(niu.IdentityInterface(fields=["out_files", "dseg", "labels"]),
-                         name="outputnode")
     source = [bids_uri(in_file, raw_dir)]
-    sink = {"base_directory": str(staging_dir), "entities": entities, "suffix": "dseg"}
-    ds_dseg = pe.Node(DerivativesDataSink(**sink, sources=source), name="ds_dseg",
-                      run_without_submitting=True)
-    ds_labels = pe.Node(DerivativesDataSink(**sink), name="ds_labels",
-                        run_without_submitting=True)
+    ds_dseg, ds_labels = _dseg_sinks(staging_dir, entities, source)
     if precomputed:
         wf.__desc__ = f"\n- segmentation of acq-{entities.get('acq')} reused from {precomputed[0]}"
         _import_precomputed(wf, precomputed, "spine", source, ds_dseg, ds_labels)
-        merge = pe.Node(niu.Merge(2), name="merge_outputs", run_without_submitting=True)
     else:
         wf.__desc__ = (
             f"\n- vertebral bodies, sacrum and intervertebral discs segmented on "
@@ -83,36 +76,9 @@ def init_spine_segmentation_wf(
             "(spineqprep.segmentation); LevelFlags lists why a labelling is doubtful.",
             "Model": str(weights) if weights else "spineqprep packaged spine model",
         }
-        wf.connect([
-            (seg, ds_dseg, [("out_dseg", "in_file"), ("qc", "extra_meta")]),
-            (seg, ds_labels, [("out_labels", "in_file")]),
-        ])
-        ds_prob = pe.MapNode(
-            DerivativesDataSink(base_directory=str(staging_dir), suffix="probseg",
-                                sources=source, meta_dict={"Description":
-                                "Class probability of spineqprep's spine network."}),
-            iterfield=["in_file", "entities"], name="ds_probseg", run_without_submitting=True)
-        probseg_entities = pe.Node(niu.Function(function=_probseg_entities,
-                                                output_names=["entities"]),
-                                   name="probseg_entities", run_without_submitting=True)
-        probseg_entities.inputs.entities = entities
-        probseg_entities.inputs.labels = PROBSEG_LABELS
-        merge = pe.Node(niu.Merge(3, ravel_inputs=True), name="merge_outputs",
-                        run_without_submitting=True)
-        wf.connect([
-            (seg, probseg_entities, [("classes", "classes")]),
-            (seg, ds_prob, [("out_probseg", "in_file")]),
-            (probseg_entities, ds_prob, [("entities", "entities")]),
-            (ds_prob, merge, [("out_file", "in3")]),
-        ])
-    wf.connect([
-        (ds_dseg, merge, [("out_file", "in1")]),
-        (ds_labels, merge, [("out_file", "in2")]),
-        (merge, outputnode, [("out", "out_files")]),
-        (ds_dseg, outputnode, [("out_file", "dseg")]),
-        (ds_labels, outputnode, [("out_file", "labels")]),
-    ])
-    return wf
+        _stage_network(wf, seg, staging_dir, entities, PROBSEG_LABELS, source,
+                       "Class probability of spineqprep's spine network.", ds_dseg, ds_labels)
+    return _with_outputs(wf, ds_dseg, ds_labels)
 
 
 def init_endplate_segmentation_wf(
@@ -138,20 +104,12 @@ def init_endplate_segmentation_wf(
     """
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["locator"]), name="inputnode")
-    outputnode = pe.Node(niu.IdentityInterface(fields=["out_files", "dseg", "labels"]),
-                         name="outputnode")
-    ents = {**entities, "desc": "endplates"}
     source = [bids_uri(in_file, raw_dir)]
-    sink = {"base_directory": str(staging_dir), "entities": ents, "suffix": "dseg"}
-    ds_dseg = pe.Node(DerivativesDataSink(**sink, sources=source), name="ds_dseg",
-                      run_without_submitting=True)
-    ds_labels = pe.Node(DerivativesDataSink(**sink), name="ds_labels",
-                        run_without_submitting=True)
+    ds_dseg, ds_labels = _dseg_sinks(staging_dir, {**entities, "desc": "endplates"}, source)
     if precomputed:
         wf.__desc__ = (f"\n- cartilage endplates of acq-{entities.get('acq')} reused from "
                        f"{precomputed[0]}")
         _import_precomputed(wf, precomputed, "endplates", source, ds_dseg, ds_labels)
-        merge = pe.Node(niu.Merge(2), name="merge_outputs", run_without_submitting=True)
     else:
         wf.__desc__ = (
             f"\n- the L4-L5 and L5-S1 superior and inferior cartilage endplates segmented on "
@@ -169,27 +127,53 @@ def init_endplate_segmentation_wf(
             "Description": "Cartilage endplates of the L4-L5 and L5-S1 discs "
             "(spineqprep.segmentation.endplates).",
             "Model": str(weights) if weights else "spineqprep packaged endplate model"}
-        probseg_entities = pe.Node(niu.Function(function=_probseg_entities,
-                                                output_names=["entities"]),
-                                   name="probseg_entities", run_without_submitting=True)
-        probseg_entities.inputs.entities = entities
-        probseg_entities.inputs.labels = {}
-        ds_prob = pe.MapNode(
-            DerivativesDataSink(base_directory=str(staging_dir), suffix="probseg",
-                                sources=source, meta_dict={"Description": "Probability of "
-                                "this cartilage endplate (spineqprep's endplate network)."}),
-            iterfield=["in_file", "entities"], name="ds_probseg", run_without_submitting=True)
-        merge = pe.Node(niu.Merge(3, ravel_inputs=True), name="merge_outputs",
-                        run_without_submitting=True)
-        wf.connect([
-            (inputnode, seg, [("locator", "in_locator")]),
-            (seg, ds_dseg, [("out_dseg", "in_file"), ("qc", "extra_meta")]),
-            (seg, ds_labels, [("out_labels", "in_file")]),
-            (seg, probseg_entities, [("classes", "classes")]),
-            (seg, ds_prob, [("out_probseg", "in_file")]),
-            (probseg_entities, ds_prob, [("entities", "entities")]),
-            (ds_prob, merge, [("out_file", "in3")]),
-        ])
+        wf.connect(inputnode, "locator", seg, "in_locator")
+        _stage_network(wf, seg, staging_dir, entities, {}, source, "Probability of this "
+                       "cartilage endplate (spineqprep's endplate network).", ds_dseg, ds_labels)
+    return _with_outputs(wf, ds_dseg, ds_labels)
+
+
+def _dseg_sinks(staging_dir: Path, entities: dict[str, str], source: list[str]
+                ) -> tuple[pe.Node, pe.Node]:
+    """The sinks of a segmentation (``_dseg``, sources ``source``) and its ``dseg.tsv``."""
+    sink = {"base_directory": str(staging_dir), "entities": entities, "suffix": "dseg"}
+    return (pe.Node(DerivativesDataSink(**sink, sources=source), name="ds_dseg",
+                    run_without_submitting=True),
+            pe.Node(DerivativesDataSink(**sink), name="ds_labels", run_without_submitting=True))
+
+
+def _stage_network(wf: pe.Workflow, seg: pe.Node, staging_dir: Path, entities: dict[str, str],
+                   labels: dict[str, str], source: list[str], description: str,
+                   ds_dseg: pe.Node, ds_labels: pe.Node) -> None:
+    """Stage a network's segmentation (with its QC sidecar fields) and one ``_probseg`` per
+    class (``label-`` from ``labels``, else the class name)."""
+    probseg_entities = pe.Node(niu.Function(function=_probseg_entities,
+                                            output_names=["entities"]),
+                               name="probseg_entities", run_without_submitting=True)
+    probseg_entities.inputs.entities = entities
+    probseg_entities.inputs.labels = labels
+    ds_prob = pe.MapNode(
+        DerivativesDataSink(base_directory=str(staging_dir), suffix="probseg", sources=source,
+                            meta_dict={"Description": description}),
+        iterfield=["in_file", "entities"], name="ds_probseg", run_without_submitting=True)
+    wf.connect([
+        (seg, ds_dseg, [("out_dseg", "in_file"), ("qc", "extra_meta")]),
+        (seg, ds_labels, [("out_labels", "in_file")]),
+        (seg, probseg_entities, [("classes", "classes")]),
+        (seg, ds_prob, [("out_probseg", "in_file")]),
+        (probseg_entities, ds_prob, [("entities", "entities")]),
+    ])
+
+
+def _with_outputs(wf: pe.Workflow, ds_dseg: pe.Node, ds_labels: pe.Node) -> pe.Workflow:
+    """Connect ``outputnode``: ``out_files`` (every staged file), ``dseg`` and ``labels``."""
+    outputnode = pe.Node(niu.IdentityInterface(fields=["out_files", "dseg", "labels"]),
+                         name="outputnode")
+    probsegs = wf.get_node("ds_probseg")
+    merge = pe.Node(niu.Merge(3 if probsegs else 2, ravel_inputs=True), name="merge_outputs",
+                    run_without_submitting=True)
+    if probsegs:
+        wf.connect(probsegs, "out_file", merge, "in3")
     wf.connect([
         (ds_dseg, merge, [("out_file", "in1")]),
         (ds_labels, merge, [("out_file", "in2")]),
