@@ -65,12 +65,7 @@ def init_spine_segmentation_wf(
             "components above a minimum volume, and anatomical levels assigned inferior to "
             "superior from the sacrum"
         )
-        seg = pe.Node(SegmentSpine(in_file=str(in_file), num_threads=omp_nthreads),
-                      name="segment", n_procs=omp_nthreads)
-        if weights:
-            seg.inputs.weights = str(weights)
-        if cutoffs:
-            seg.inputs.cutoffs = cutoffs
+        seg = _network(SegmentSpine, in_file, weights, cutoffs, omp_nthreads)
         ds_dseg.inputs.meta_dict = {
             "Description": "Vertebral bodies, sacrum and discs labelled by anatomical level "
             "(spineqprep.segmentation); LevelFlags lists why a labelling is doubtful.",
@@ -117,12 +112,7 @@ def init_endplate_segmentation_wf(
             "centred on the L5 vertebral body (located on another image of the exam through the "
             "scanner coordinates), binarised per endplate at the published cut-offs"
         )
-        seg = pe.Node(SegmentEndplates(in_file=str(in_file), num_threads=omp_nthreads),
-                      name="segment", n_procs=omp_nthreads)
-        if weights:
-            seg.inputs.weights = str(weights)
-        if cutoffs:
-            seg.inputs.cutoffs = cutoffs
+        seg = _network(SegmentEndplates, in_file, weights, cutoffs, omp_nthreads)
         ds_dseg.inputs.meta_dict = {
             "Description": "Cartilage endplates of the L4-L5 and L5-S1 discs "
             "(spineqprep.segmentation.endplates).",
@@ -131,6 +121,18 @@ def init_endplate_segmentation_wf(
         _stage_network(wf, seg, staging_dir, entities, {}, source, "Probability of this "
                        "cartilage endplate (spineqprep's endplate network).", ds_dseg, ds_labels)
     return _with_outputs(wf, ds_dseg, ds_labels)
+
+
+def _network(interface: type, in_file: Path, weights: Path | None,
+             cutoffs: dict[str, float] | None, omp_nthreads: int) -> pe.Node:
+    """The network node (``segment``): the packaged bundle unless ``weights``."""
+    seg = pe.Node(interface(in_file=str(in_file), num_threads=omp_nthreads), name="segment",
+                  n_procs=omp_nthreads)
+    if weights:
+        seg.inputs.weights = str(weights)
+    if cutoffs:
+        seg.inputs.cutoffs = cutoffs
+    return seg
 
 
 def _dseg_sinks(staging_dir: Path, entities: dict[str, str], source: list[str]
