@@ -418,6 +418,11 @@ def test_network_segmentation_against_the_truth(synth, processed) -> None:
         labels = np.asarray(nib.load(synth.truth_dir / path.relative_to(out).parent /
                                      f"{stem}_dseg.nii.gz").dataobj)
         ours = pd.read_csv(path, sep="\t").set_index("region")
+        # the level check of the segmentation travels with the region table
+        seg_meta = json.loads((path.parent / f"{stem}_dseg.json").read_text())
+        table_meta = json.loads(path.with_suffix(".json").read_text())
+        assert table_meta["LevelsConfident"] == seg_meta["LevelsConfident"]
+        assert table_meta["LevelFlags"] == seg_meta["LevelFlags"]
         for level, index in zip(("L1L2", "L2L3", "L3L4", "L4L5", "L5S1"), range(120, 125),
                                 strict=True):
             if level in ours.index and (labels == index).sum() > 20:

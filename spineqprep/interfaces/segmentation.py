@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -131,6 +132,7 @@ class _RegionStatisticsInputSpec(BaseInterfaceInputSpec):
 
 class _RegionStatisticsOutputSpec(TraitedSpec):
     out_tsv = File(exists=True, desc="one row per region")
+    meta = traits.Dict(desc="the segmentation's level check (LevelsConfident, LevelFlags)")
 
 
 class RegionStatistics(SimpleInterface):
@@ -147,7 +149,11 @@ class RegionStatistics(SimpleInterface):
                                   tuple(self.inputs.inclusion))
         out = Path(runtime.cwd) / "regions.tsv"
         table.to_csv(out, sep="\t", index=False, na_rep="n/a", float_format="%.6g")
-        self._results["out_tsv"] = str(out)
+        # a doubtful level labelling travels with the numbers it labels
+        sidecar = Path(self.inputs.in_dseg.replace(".nii.gz", ".json"))
+        checks = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+        self._results.update(out_tsv=str(out), meta={
+            k: checks[k] for k in ("LevelsConfident", "LevelFlags") if k in checks})
         return runtime
 
 

@@ -232,7 +232,8 @@ def init_region_statistics_wf(
     wf.connect([
         (inputnode, stats, [("map", "in_map"), ("mask", "in_valid"), ("dseg", "in_dseg"),
                             ("labels", "in_labels")]),
-        (stats, ds, [("out_tsv", "in_file")]),
+        # + the segmentation's LevelsConfident / LevelFlags (when spineqprep made it)
+        (stats, ds, [("out_tsv", "in_file"), ("meta", "extra_meta")]),
         (ds, outputnode, [("out_file", "out_file")]),
     ])
     return wf
