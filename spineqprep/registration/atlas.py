@@ -357,13 +357,17 @@ def disc_masks(derivatives: str | Path, *, acq: str | None = None,
     the standard numbering when it has none. Single-slice images only with ``single_slices``;
     a disc of fewer than 4 voxels is skipped."""
     from spineqprep.segmentation.lut import check_segmentation, lut_path
+    from spineqprep.stats.summary import parse_name
     from spineqprep.synth import labels as lab
 
     root = Path(derivatives)
     standard = {level: lab.disc(lab.DISCS.index(level)) for level in LEVELS}
     out = []
     for path in sorted(root.rglob("sub-*_dseg.nii.gz")):
-        entities = dict(part.split("-", 1) for part in path.name.split("_")[:-1] if "-" in part)
+        parsed = parse_name(path.name)
+        if parsed is None:
+            continue
+        entities = parsed[0]
         if "desc" in entities or "space" in entities or (acq and entities.get("acq") != acq):
             continue
         img = nib.load(path)
