@@ -3,6 +3,7 @@ real labelled data when ../shared/data/lumbar-fastcleverseg is present.
 
     python benchmarks/bench_segmentation.py [--bundle DIR] [--subjects 4] [--size small]
         [--seed 999] [--disc-cutoff P] [--no-real] [--shifted-protocols] [--pixel-scale F]
+        [--table TSV]
 
 Synthetic: ``generate_dataset(seed=999)`` (anatomy seeds never used in training), every T1w,
 T2w and first mapping image segmented by ``segment_spine`` (network, components, levels) and
@@ -37,7 +38,7 @@ from spineqprep.segmentation.model_io import load_bundle
 from spineqprep.synth import generate_dataset, protocols
 
 LEVELS = {"L1L2": 120, "L2L3": 121, "L3L4": 122, "L4L5": 123, "L5S1": 124,
-          "L1": 20, "L2": 21, "L3": 22, "L4": 23, "L5": 24, "S1": 26}
+          "T12": 19, "L1": 20, "L2": 21, "L3": 22, "L4": 23, "L5": 24, "S1": 26}
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "lumbar-fastcleverseg"
 PUBLISHED_S_PER_SLICE = 0.393
 
@@ -174,6 +175,7 @@ def main() -> None:
                         help="TR / TE / spin-lock times and SNR unlike training's and the sites'")
     parser.add_argument("--pixel-scale", type=float, default=1.0, metavar="F",
                         help="in-plane pixels F times coarser than the size's (default 1)")
+    parser.add_argument("--table", metavar="TSV", help="also write the per-image, per-level rows")
     args = parser.parse_args()
     if args.shifted_protocols:
         protocols.PROTOCOLS = shifted_protocols()
@@ -182,6 +184,8 @@ def main() -> None:
     bundle = load_bundle(args.bundle)
     cutoffs = None if args.disc_cutoff is None else {"disc": args.disc_cutoff}
     table = synthetic(bundle, args.subjects, args.size, args.seed, cutoffs)
+    if args.table:
+        table.to_csv(args.table, sep="\t", index=False)
     print(f"## synthetic (seed {args.seed}): median Dice per level and contrast")
     print(table.pivot_table(index="level", columns="contrast", values="dice",
                             aggfunc="median").round(3).to_string())

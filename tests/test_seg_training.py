@@ -52,6 +52,23 @@ def test_bank_classes(bank):
     assert np.isfinite(bank.images.astype(np.float32)).all()
 
 
+def test_bank_contrasts_follow_the_drawn_acquisition_times():
+    """Each bank slice's T2w is spin-echo weighting at its own TR / TE: a longer echo
+    darkens a short-T2 tissue more than a long-T2 one, and the draws span the stated ranges."""
+    maps = {"PD": np.array([0.9, 0.9]), "T1": np.array([1.2, 1.2]), "T2": np.array([0.04, 0.12])}
+    short, long = (trainset._signals(maps, {"T1w": (0.6, 0.01), "T2w": (4.0, te),
+                                            "T2prep": (0.0, 0.05)}) for te in (0.07, 0.13))
+    assert np.allclose(short[1], 0.9 * (1 - np.exp(-4.0 / 1.2)) * np.exp(-0.07 / maps["T2"]))
+    assert long[1, 0] / short[1, 0] < long[1, 1] / short[1, 1] < 1
+    assert np.allclose(short[2], 0.9) and np.allclose(short[0], long[0])
+    draws = [trainset.random_times(np.random.default_rng(s)) for s in range(200)]
+    for name, (tr, te) in trainset.TIMES_RANGE_S.items():
+        tes = [d[name][1] for d in draws]
+        assert te[0] <= min(tes) < te[0] + 0.1 * (te[1] - te[0])
+        assert te[1] - 0.1 * (te[1] - te[0]) < max(tes) <= te[1]
+        assert all(tr[0] <= d[name][0] <= tr[1] for d in draws)
+
+
 def test_samples_deterministic_and_labels_preserved(bank):
     a = trainset.synthetic_sample(bank, np.random.default_rng(5), 64)
     b = trainset.synthetic_sample(bank, np.random.default_rng(5), 64)

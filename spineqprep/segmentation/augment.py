@@ -19,7 +19,8 @@ SPACING_RANGE_MM = (0.6, 4.0)
 #: per sample: 0 is point sampling (sharp, aliased edges), 0.42 the Gaussian closest to a box
 #: one pixel wide, more is a smoother reconstruction.
 PSF_SIGMA_RANGE = (0.0, 0.5)
-#: Signal-to-noise ratio of the brightest tissue, simulated range.
+#: Signal-to-noise ratio of the brightest tissue, simulated range (log-uniform: as many
+#: samples between 6 and 19 as between 19 and 60, so long-echo, low-SNR images are common).
 SNR_RANGE = (6.0, 60.0)
 #: Pixels whose target is unknown (cut by a simulated field of view edge) carry this label and
 #: are ignored by the loss.
@@ -92,7 +93,7 @@ def degrade(rng: np.random.Generator, image: np.ndarray, spacing_mm: float,
     """Simulate an acquisition of ``image`` (on a grid of ``spacing_mm``): bias field, lower
     in-plane resolution (blur by a point-spread function of random width in
     ``psf_sigma_range``, then resampling to a random spacing per axis in ``spacing_range_mm``),
-    Rician noise at a random SNR on that grid, resampling back, and a random gamma."""
+    Rician noise at a random (log-uniform) SNR on that grid, resampling back, and a random gamma."""
     shape = image.shape
     image = image * bias_field(rng, shape)
     top = float(np.percentile(image, 99.5)) or 1.0
@@ -102,7 +103,7 @@ def degrade(rng: np.random.Generator, image: np.ndarray, spacing_mm: float,
     sigma = rng.uniform(*psf_sigma_range) / factors * (factors < 1)
     low = ndimage.gaussian_filter(image, sigma) if (factors < 1).any() else image
     low = ndimage.zoom(low, factors, order=1)
-    noise = 1.0 / rng.uniform(*SNR_RANGE)
+    noise = 1.0 / np.exp(rng.uniform(*np.log(SNR_RANGE)))
     low = np.hypot(low + rng.normal(0.0, noise, low.shape), rng.normal(0.0, noise, low.shape))
     image = ndimage.zoom(low, np.array(shape) / np.array(low.shape), order=1)
     image = _fit(image, shape)

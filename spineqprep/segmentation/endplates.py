@@ -185,8 +185,9 @@ def train_endplates(out: str | Path, steps: int, seed: int = 0, threads: int = 2
                              "L5, domain-randomised",
                      "augmentation": "random contrast per tissue label (50 %) or UTE-like "
                                      "contrasts (first echo, 5.2 ms echo, PD), 0.5-3 mm slices, "
-                                     "bias, gamma, 0.35-1.1 mm pixels, Rician SNR 6-60, "
-                                     "rotation +-10 deg, scaling, shear, elastic, FOV cuts",
+                                     "bias, gamma, 0.35-1.1 mm pixels, Rician SNR 6-60 "
+                                     "(log-uniform), rotation +-10 deg, scaling, shear, elastic, "
+                                     "FOV cuts",
                      "init": str(init) if init else None,
                      "seconds": round(time.perf_counter() - start, 1)},
         "metrics": {"slice_dice_heldout": slice_dice,

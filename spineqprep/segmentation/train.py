@@ -246,13 +246,14 @@ def train_spine(out: str | Path, steps: int, seed: int = 0, threads: int = 2,
         "training": {"seed": seed, "steps": steps, "batch_size": batch_size,
                      "learning_rate": rate, "threads": threads, "data": data,
                      "augmentation": "SynthSeg-style random contrast per tissue label (70 %) "
-                                     "or generator contrasts T1w/T2w/PD/T2-prep (30 %), "
+                                     "or generator contrasts T1w/T2w/PD/T2-prep (30 %) at "
+                                     "random TR / TE per slice (trainset.TIMES_RANGE_S), "
                                      "partial volume over 3-6 mm slices, bias, gamma, "
                                      f"{augment.SPACING_RANGE_MM[0]}-"
                                      f"{augment.SPACING_RANGE_MM[1]} mm in-plane resolution "
                                      f"(point-spread sigma {augment.PSF_SIGMA_RANGE[0]}-"
-                                     f"{augment.PSF_SIGMA_RANGE[1]} px), Rician SNR 6-60, "
-                                     "affine + elastic deformation, FOV cuts",
+                                     f"{augment.PSF_SIGMA_RANGE[1]} px), Rician SNR 6-60 "
+                                     "(log-uniform), affine + elastic deformation, FOV cuts",
                      "init": str(init) if init else None,
                      "seconds": round(time.perf_counter() - start, 1)},
         "metrics": metrics,

@@ -21,6 +21,7 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
@@ -101,22 +102,41 @@ def _plane(anat: Anatomy, rng: np.random.Generator, size: int, spacing: float
     return np.stack([flat + k * thickness / 3 * normal for k in (-1, 0, 1)]), thickness
 
 
-def _signals(maps: dict[str, np.ndarray]) -> np.ndarray:
-    """The generator's weightings (``REALISTIC``) of per-point truth maps."""
+#: Acquisition times drawn per bank slice for the generator's contrasts (seconds): T1w TR /
+#: TE, T2w TR / TE and the T2-prep time, uniform in these ranges, so the network sees a range
+#: of protocols rather than the sites' (T1w 0.6 / 0.010, T2w 3.5 / 0.095).
+TIMES_RANGE_S = {"T1w": ((0.4, 0.8), (0.006, 0.020)), "T2w": ((2.5, 5.5), (0.070, 0.130)),
+                 "T2prep": ((0.0, 0.0), (0.030, 0.080))}
+
+
+def random_times(rng: np.random.Generator) -> dict[str, tuple[float, float]]:
+    """One (TR, TE) per generator contrast, drawn from ``TIMES_RANGE_S``."""
+    return {name: (rng.uniform(*tr), rng.uniform(*te))
+            for name, (tr, te) in TIMES_RANGE_S.items()}
+
+
+def _signals(maps: dict[str, np.ndarray], times: dict[str, tuple[float, float]] | None = None
+             ) -> np.ndarray:
+    """The generator's weightings (``REALISTIC``) of per-point truth maps at acquisition
+    ``times`` ({contrast: (TR, TE)} in seconds; default the sites' own)."""
+    times = times or {"T1w": (0.6, 0.010), "T2w": (3.5, 0.095), "T2prep": (0.0, 0.05)}
     pd, t1, t2 = maps["PD"], maps["T1"], maps["T2"]
 
     def decay(t: float, relax: np.ndarray) -> np.ndarray:
         return np.exp(-np.divide(t, relax, out=np.full_like(relax, np.inf), where=relax > 0))
 
-    return np.stack([pd * (1 - decay(0.6, t1)) * decay(0.010, t2),
-                     pd * (1 - decay(3.5, t1)) * decay(0.095, t2), pd, pd * decay(0.05, t2)])
+    (tr1, te1), (tr2, te2) = times["T1w"], times["T2w"]
+    return np.stack([pd * (1 - decay(tr1, t1)) * decay(te1, t2),
+                     pd * (1 - decay(tr2, t1)) * decay(te2, t2), pd,
+                     pd * decay(times["T2prep"][1], t2)])
 
 
 def make_bank(n_subjects: int, slices_per_subject: int, seed: int = TRAINING_SEED_BASE,
               size: int = WINDOW, spacing: float = SPACING_MM,
               progress: Callable[[str], None] | None = None) -> SliceBank:
     """Sample ``slices_per_subject`` random sagittal planes of each of ``n_subjects`` synthetic
-    anatomies (cohort seed ``seed``, three sites' worth of subject variation)."""
+    anatomies (cohort seed ``seed``, three sites' worth of subject variation), each with its
+    own random acquisition times (``TIMES_RANGE_S``)."""
     people = sample_cohort(n_subjects, min(3, n_subjects), 1, seed)
     labels = np.zeros((n_subjects * slices_per_subject, 3, size, size), np.uint8)
     images = np.zeros((len(labels), len(REALISTIC), size, size), np.float16)
@@ -128,7 +148,8 @@ def make_bank(n_subjects: int, slices_per_subject: int, seed: int = TRAINING_SEE
         for s in range(slices_per_subject):
             points, _ = _plane(anat, rng, size, spacing)
             i = p * slices_per_subject + s
-            labels[i], images[i], scale[i] = bank_slice(anat, points, visit, size, spacing)
+            labels[i], images[i], scale[i] = bank_slice(
+                anat, points, visit, size, spacing, partial(_signals, times=random_times(rng)))
         if progress and (p + 1) % max(1, n_subjects // 10) == 0:
             progress(f"slice bank: {p + 1}/{n_subjects} subjects")
     return SliceBank(labels, images, scale)
