@@ -85,15 +85,25 @@ def synthetic(bundle, subjects: int, size: str, seed: int = 999,
             right = levels_right(pred, truth)
             true_map = _true_map(res.truth_dir / path.parent.relative_to(res.raw_dir), stem,
                                  contrast)
+            si_axis = [c in "SI" for c in nib.aff2axcodes(img.affine)].index(True)
             for level, index in LEVELS.items():
                 if (truth == index).sum() > 20:
                     rows.append({"image": path.name, "contrast": contrast,
                                  "level": level, "dice": dice(pred == index, truth == index),
+                                 "cut": cut_by_view(truth == index, si_axis),
                                  "confident": seg.confident, "right": right,
                                  "seconds": seconds,
                                  "slices": img.shape[0],
                                  **_disc_means(true_map, pred == index, truth == index)})
     return pd.DataFrame(rows)
+
+
+def cut_by_view(mask: np.ndarray, axis: int) -> bool:
+    """Whether a structure reaches the first or last plane of the image along ``axis`` (the
+    superior-inferior one): the field of view cuts it, and what is left (a sliver of T12 at
+    the top of a mapping grid) is not a level's segmentation to score."""
+    ends = np.take(mask, [0, mask.shape[axis] - 1], axis=axis)
+    return bool(ends.any())
 
 
 def _true_map(folder: Path, stem: str, contrast: str) -> np.ndarray | None:
@@ -131,7 +141,8 @@ def real(bundle) -> pd.DataFrame:
     for case, label_set, path in external.cases(REAL, "test"):
         image, truth = external.load_case(path)
         kind = "disc" if label_set.folder.startswith("IVD") else "VB"
-        seg = segment_spine(nib.Nifti1Image(image, external.AFFINE), bundle=bundle, n_threads=2)
+        seg = segment_spine(nib.Nifti1Image(image, external.AFFINE), bundle=bundle, n_threads=2,
+                            contrast=label_set.suffix)
         labels = np.asarray(seg.dseg_img.dataobj)
         pred = ((labels >= 100) & (labels < 1000)) | (labels >= 1100) if kind == "disc" \
             else ((labels > 0) & (labels < 100)) | ((labels >= 1000) & (labels < 1100))
@@ -186,6 +197,11 @@ def main() -> None:
     table = synthetic(bundle, args.subjects, args.size, args.seed, cutoffs)
     if args.table:
         table.to_csv(args.table, sep="\t", index=False)
+    cut = table[table["cut"]]
+    if len(cut):
+        print(f"{len(cut)} structures cut by the field of view, not in the tables below: "
+              + ", ".join(f"{r.level} {r.contrast} {r.dice:.2f}" for r in cut.itertuples()))
+    table = table[~table["cut"]]
     print(f"## synthetic (seed {args.seed}): median Dice per level and contrast")
     print(table.pivot_table(index="level", columns="contrast", values="dice",
                             aggfunc="median").round(3).to_string())

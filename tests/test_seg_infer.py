@@ -9,7 +9,12 @@ import torch
 from torch import nn
 
 from spineqprep.segmentation import segment_spine
-from spineqprep.segmentation.infer import plane_layout, predict_probabilities
+from spineqprep.segmentation.infer import (
+    average_neighbour_slices,
+    plane_layout,
+    predict_probabilities,
+    sagittal_axis,
+)
 from spineqprep.segmentation.postprocess import inplane_spacing
 from spineqprep.synth.anatomy import rotation_matrix
 
@@ -176,6 +181,16 @@ def test_segment_spine_with_stand_in_bundle(tmp_path, monkeypatch):
     assert np.array_equal(np.asarray(t2w.dseg_img.dataobj), pred)
     mese = segment_spine(img, bundle=per_contrast, contrast="MESE")
     assert not (np.asarray(mese.dseg_img.dataobj) > 100).any()
+    # a contrast's slice averaging in the bundle averages that contrast's probabilities
+    # across neighbouring slices (before the cut-offs), and no other's
+    averaging = (Coder(), {**META, "slice_averaging_by_contrast": {"T2w": 0.25}})
+    probs = np.asarray(out.probseg_img.dataobj)
+    averaged = segment_spine(img, bundle=averaging, contrast="T2w")
+    expected = average_neighbour_slices(probs, sagittal_axis(img.affine), 0.25)
+    assert np.allclose(np.asarray(averaged.probseg_img.dataobj), expected, atol=1e-6)
+    assert not np.allclose(expected, probs, atol=1e-3)
+    assert np.array_equal(np.asarray(segment_spine(img, bundle=averaging, contrast="MESE")
+                                     .dseg_img.dataobj), pred)
     # pixels coarser than the bundle's validated grid are flagged; the segmentation is the same
     pixel = inplane_spacing(img.affine)
     assert 3.0 < pixel < 3.6 and not any("validated" in f for f in out.flags)
@@ -184,6 +199,23 @@ def test_segment_spine_with_stand_in_bundle(tmp_path, monkeypatch):
         assert any(f"coarser than the {limit} mm" in f for f in seg.flags) is flagged
         assert np.array_equal(np.asarray(seg.dseg_img.dataobj), pred)
         assert seg.confident == out.confident
+
+
+def test_neighbour_slice_averaging():
+    """Weights (w, 1 - 2w, w) across the slice axis only, edges repeated, class sums kept; a
+    single slice and w = 0 are unchanged; w outside [0, 0.5) is refused."""
+    probs = np.zeros((4, 3, 2, 2), np.float32)
+    probs[..., 0] = 1.0
+    probs[:, 1, :, :] = [0.0, 1.0]  # one row of class 1 in every slice
+    probs[2, 1] = [[1.0, 0.0], [1.0, 0.0]]  # ... but class 0 in slice 2
+    out = average_neighbour_slices(probs, 0, 0.25)
+    assert np.allclose(out.sum(-1), 1.0)
+    assert np.allclose(out[:, 1, 0, 1], [1.0, 0.75, 0.5, 0.75])  # slice 3 repeats at the edge
+    assert np.allclose(out[:, 0], probs[:, 0]) and np.allclose(out[:, 2], probs[:, 2])
+    assert np.array_equal(average_neighbour_slices(probs[:1], 0, 0.25), probs[:1])
+    assert np.array_equal(average_neighbour_slices(probs, 0, 0.0), probs)
+    with pytest.raises(ValueError, match="outside"):
+        average_neighbour_slices(probs, 0, 0.5)
 
 
 def test_segment_interface_passes_the_bids_suffix_as_contrast():

@@ -16,7 +16,12 @@ from typing import Any
 
 import nibabel as nib
 
-from spineqprep.segmentation.infer import predict_probabilities, sagittal_axis, spatial_image
+from spineqprep.segmentation.infer import (
+    average_neighbour_slices,
+    predict_probabilities,
+    sagittal_axis,
+    spatial_image,
+)
 from spineqprep.segmentation.postprocess import (
     CLASSES,
     SpineLabels,
@@ -50,7 +55,9 @@ def segment_spine(img: nib.Nifti1Image, *,
     file, or an already loaded ``(model, meta)`` pair; ``cutoffs`` / ``min_volume_mm3``: per
     structure (``vertebral_body``, ``sacrum``, ``disc``); cut-offs default to the bundle's
     ``cutoffs`` (``model.json``), else 0.5, and for an image of ``contrast`` (its BIDS suffix:
-    T1w, T2w, MESE, MESL) to the bundle's ``cutoffs_by_contrast`` for it. An image whose
+    T1w, T2w, MESE, MESL) to the bundle's ``cutoffs_by_contrast`` for it; the bundle's
+    ``slice_averaging_by_contrast`` for that contrast, if any, averages the probabilities of
+    neighbouring slices before the cut-offs (and in ``probseg_img``). An image whose
     in-plane pixels are coarser than the bundle's ``validated_max_pixel_mm`` (the coarsest grid
     on which its model card shows the accuracy bar met) is flagged, not refused."""
     if bundle is None or isinstance(bundle, str | Path):
@@ -61,6 +68,9 @@ def segment_spine(img: nib.Nifti1Image, *,
         model, meta = bundle
     classes = tuple(meta["classes"])
     probs = predict_probabilities(img, model, meta, n_threads=n_threads, batch_size=batch_size)
+    weight = meta.get("slice_averaging_by_contrast", {}).get(contrast)
+    if weight:
+        probs = average_neighbour_slices(probs, sagittal_axis(img.affine), float(weight))
     # the bundle's own cut-offs (chosen on its calibration subjects, model card), those for
     # this contrast, then the user's
     cutoffs = {**meta.get("cutoffs", {}), **meta.get("cutoffs_by_contrast", {}).get(contrast, {}),

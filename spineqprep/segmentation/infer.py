@@ -7,7 +7,8 @@ sagittal view), resampled linearly to ``spacing_mm`` and padded to a multiple of
 ``multiple_of``. Its softmax probabilities are cropped and resampled back to the native pixels of
 each slice, so the result lies exactly on the input grid whatever its orientation (RAS, LPS, PSR,
 AIL, oblique) or voxel size. Slices are not interpolated across: the networks are 2D, as
-published.
+published; a bundle may average each slice's probabilities with its neighbours' afterwards
+(:func:`average_neighbour_slices`).
 """
 
 from __future__ import annotations
@@ -173,6 +174,20 @@ def _predict_stack(stack: np.ndarray, zooms: tuple[float, float], spacing_mm: fl
             p = torch.softmax(model(torch.from_numpy(batch[b:b + step])).float(), dim=1).numpy()
             probs[b:b + step] = np.moveaxis(p[:, :, top:top + h_out, left:left + w_out], 1, -1)
     return _zoom2d(probs, _native(stack.shape[1], h_out), _native(stack.shape[2], w_out))
+
+
+def average_neighbour_slices(probs: np.ndarray, axis: int, weight: float) -> np.ndarray:
+    """Class probabilities averaged across slices (``axis``) with weights (``weight``,
+    1 - 2 ``weight``, ``weight``), the edge slices repeated; sums over classes stay 1. A 2D
+    network predicts each slice of a thick-slice image on its own, so its boundary errors
+    differ from slice to slice while the anatomy hardly does: averaging neighbours cancels part
+    of them (calibrated per contrast, model card)."""
+    if not 0.0 <= weight < 0.5:
+        raise ValueError(f"neighbour weight {weight} outside [0, 0.5)")
+    if weight == 0.0 or probs.shape[axis] < 2:
+        return probs
+    kernel = np.array([weight, 1.0 - 2.0 * weight, weight])
+    return ndimage.convolve1d(probs, kernel, axis=axis, mode="nearest").astype(probs.dtype)
 
 
 def spatial_image(data: np.ndarray, img: nib.Nifti1Image) -> nib.Nifti1Image:

@@ -90,6 +90,12 @@ def load_bundle(folder: str | Path | None = None, name: str = "spine"
                          "one", path=meta_path,
                          fix=f"give a bundle of the {name!r} network ({TAKEN_BY.get(name)}; "
                          f"spineqprep-train {name} writes one); this one goes to {takes}")
+    averaging = meta.get("slice_averaging_by_contrast", {})
+    if not isinstance(averaging, dict) or not all(
+            isinstance(w, int | float) and 0 <= w < 0.5 for w in averaging.values()):
+        raise InputError(f"slice_averaging_by_contrast {averaging!r} is not a table of "
+                         "neighbour weights", path=meta_path,
+                         fix='give e.g. {"T2w": 0.25}: weights from 0 to below 0.5')
     model = build_network(meta["architecture"])
     if len(meta["classes"]) != int(meta["architecture"].get("n_classes", -1)):
         raise InputError(f"{len(meta['classes'])} class names for "
@@ -128,7 +134,7 @@ def normalise(array: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:
 #: Inference settings a bundle records for its weights (``model.json`` top level, and keys of
 #: ``input``), chosen on calibration data (model card). ``validated_max_pixel_mm`` is not one:
 #: it is a measurement of the weights it was made with, and never carried to new weights.
-INFERENCE_KEYS = ("cutoffs", "cutoffs_by_contrast")
+INFERENCE_KEYS = ("cutoffs", "cutoffs_by_contrast", "slice_averaging_by_contrast")
 INFERENCE_INPUT_KEYS = ("test_time_spacings_mm",)
 
 
