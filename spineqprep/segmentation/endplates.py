@@ -27,7 +27,7 @@ import torch
 from scipy import ndimage
 
 from spineqprep.errors import InputError
-from spineqprep.segmentation import model_io, trainset
+from spineqprep.segmentation import augment, model_io, trainset
 from spineqprep.segmentation.infer import predict_probabilities, spatial_image
 from spineqprep.segmentation.localise import CropBox, crop, l5_crop_box
 from spineqprep.segmentation.lut import ENDPLATE_LABELS as DSEG_LABELS
@@ -185,7 +185,8 @@ def train_endplates(out: str | Path, steps: int, seed: int = 0, threads: int = 2
                              "L5, domain-randomised",
                      "augmentation": "random contrast per tissue label (50 %) or UTE-like "
                                      "contrasts (first echo, 5.2 ms echo, PD), 0.5-3 mm slices, "
-                                     "bias, gamma, 0.35-1.1 mm pixels, Rician SNR 6-60 "
+                                     "bias, gamma, 0.35-1.1 mm pixels, Rician SNR "
+                                     f"{augment.SNR_RANGE[0]:g}-{augment.SNR_RANGE[1]:g} "
                                      "(log-uniform), rotation +-10 deg, scaling, shear, elastic, "
                                      "FOV cuts",
                      "init": str(init) if init else None,

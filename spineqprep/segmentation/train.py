@@ -252,7 +252,8 @@ def train_spine(out: str | Path, steps: int, seed: int = 0, threads: int = 2,
                                      f"{augment.SPACING_RANGE_MM[0]}-"
                                      f"{augment.SPACING_RANGE_MM[1]} mm in-plane resolution "
                                      f"(point-spread sigma {augment.PSF_SIGMA_RANGE[0]}-"
-                                     f"{augment.PSF_SIGMA_RANGE[1]} px), Rician SNR 6-60 "
+                                     f"{augment.PSF_SIGMA_RANGE[1]} px), Rician SNR "
+                                     f"{augment.SNR_RANGE[0]:g}-{augment.SNR_RANGE[1]:g} "
                                      "(log-uniform), affine + elastic deformation, FOV cuts",
                      "init": str(init) if init else None,
                      "seconds": round(time.perf_counter() - start, 1)},
