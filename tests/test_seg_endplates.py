@@ -14,6 +14,7 @@ import pytest
 from spineqprep.errors import InputError
 from spineqprep.metrics import dice
 from spineqprep.segmentation import endplates as ep
+from spineqprep.segmentation import trainset
 from spineqprep.synth import generate_dataset
 from spineqprep.synth import labels as lab
 
@@ -113,10 +114,66 @@ def test_missing_l5_is_flagged_not_fatal(held_out) -> None:
     assert any("L5" in f for f in seg.flags) and set(seg.found.values()) == {0}
 
 
-def test_finetuned_endplate_bundle_keeps_the_cutoffs_of_its_init(tmp_path) -> None:
-    """Fine-tuning keeps the --init bundle's cut-offs (they were reset to the published ones)
-    and test-time pixel sizes, and a cut-off given when training wins; the validated pixel
-    limit of the init weights is not carried over."""
+def _manual_masks(held_out, folder: Path) -> Path:
+    """A derivatives folder of manual endplate masks in a reader's own numbering (1-4, named
+    in dseg.tsv) next to, not inside, the raw dataset: the first session labels all four
+    endplates, the second only the L5-S1 pair."""
+    folder.mkdir()
+    (folder / "dataset_description.json").write_text(json.dumps(
+        {"Name": "manual", "BIDSVersion": "1.10.0", "DatasetType": "derivative",
+         "DatasetLinks": {"raw": str(held_out.raw_dir)}}))
+    (folder / "dseg.tsv").write_text("index\tname\tabbreviation\n1\tupper L4-L5\tL4L5sup\n"
+                                     "2\tlower L4-L5\tL4L5inf\n3\tupper L5-S1\tL5S1sup\n"
+                                     "4\tlower L5-S1\tL5S1inf\n")
+    firsts = sorted(held_out.raw_dir.rglob("*_acq-ute_echo-1_MEGRE.nii.gz"))
+    for n, first in enumerate(firsts):
+        rel = first.parent.relative_to(held_out.raw_dir)
+        stem = first.name.split("_echo-1")[0]
+        truth = nib.load(held_out.truth_dir / rel / f"{stem}_desc-tissues_dseg.nii.gz")
+        data = np.asarray(truth.dataobj)
+        mine = np.zeros(data.shape, np.uint8)
+        for k, name in enumerate(ep.CLASSES[1:], start=1):
+            if n == 0 or name.startswith("L5S1"):
+                mine[data == ep.DSEG_LABELS[name]] = k
+        (folder / rel).mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(mine, truth.affine),
+                 folder / rel / f"{stem}_desc-endplates_dseg.nii.gz")
+    return folder
+
+
+def test_manual_endplate_masks_become_training_crops(held_out, tmp_path) -> None:
+    """Each labelled slice of the first UTE echo, cut around the labelled endplates at 0.5 mm;
+    an endplate the reader did not label is undecided, never background; endplate masks are
+    not spine labels, and a folder without masks is refused with the pairing it expects."""
+    folder = _manual_masks(held_out, tmp_path / "manual")
+    crops = ep.load_labelled_crops(folder)
+    sources = sorted({c.source for c in crops})
+    assert len(sources) == 2 and all(s.endswith("_acq-ute_echo-1_MEGRE.nii.gz") for s in sources)
+    full, partial = ([c for c in crops if c.source == s] for s in sources)
+    assert len(full) >= 5 and len(partial) >= 5
+    assert all(c.image.shape == c.target.shape for c in crops)
+    # the whole 64 mm field of view of these UTE grids, at 0.5 mm; the window around the L5-S1
+    # pair alone is clipped where it leaves the image
+    assert {c.image.shape for c in full} == {(ep.CROP_PX, ep.CROP_PX)}
+    everything = np.concatenate([c.target.ravel() for c in full])
+    assert set(np.unique(everything)) == {1, 2, 4, 8, 16}  # every pixel decided
+    undecided = 1 | 2 | 4  # background or one of the two L4-L5 endplates
+    assert set(np.unique(np.concatenate([c.target.ravel() for c in partial]))) == {
+        undecided, 8, 16}
+    # the labels sit on the image's endplates: cartilage is bright on the first UTE echo
+    for c in full:
+        plates = c.target > 1
+        assert c.image[plates].mean() > np.median(c.image), c.source
+    with pytest.raises(InputError, match="dseg"):
+        trainset.find_pairs(folder)  # the spine network takes no endplate masks
+    with pytest.raises(InputError, match="desc-endplates"):
+        ep.load_labelled_crops(tmp_path)
+
+
+def test_finetuned_endplate_bundle_keeps_the_cutoffs_of_its_init(held_out, tmp_path) -> None:
+    """Fine-tuning on manual masks keeps the --init bundle's cut-offs (they were reset to the
+    published ones) and test-time pixel sizes, and a cut-off given when training wins; the
+    validated pixel limit of the init weights is not carried over."""
     init = tmp_path / "init"
     shutil.copytree(Path(ep.__file__).parents[1] / "data" / "models" / "endplates", init)
     meta = json.loads((init / "model.json").read_text())
@@ -124,9 +181,12 @@ def test_finetuned_endplate_bundle_keeps_the_cutoffs_of_its_init(tmp_path) -> No
     meta["input"]["test_time_spacings_mm"] = [0.45, 0.5]
     meta["validated_max_pixel_mm"] = 0.8
     (init / "model.json").write_text(json.dumps(meta))
-    ep.train_endplates(tmp_path / "tuned", steps=1, threads=2, init=init, bank_size=(1, 2),
-                       batch_size=2, cutoffs={"L4L5_superior": 0.3}, log=lambda _: None)
+    folder = _manual_masks(held_out, tmp_path / "manual")
+    ep.train_endplates(tmp_path / "tuned", steps=1, threads=2, init=init, labels_dir=folder,
+                       bank_size=(1, 2), batch_size=2, cutoffs={"L4L5_superior": 0.3},
+                       log=lambda _: None)
     _, tuned = ep.model_io.load_bundle(tmp_path / "tuned", name="endplates")
+    assert "labelled UTE slices" in tuned["training"]["data"]
     assert tuned["cutoffs"] == {**ep.DEFAULT_CUTOFFS, "L5S1_inferior": 0.41,
                                 "L4L5_superior": 0.3}
     assert tuned["input"]["test_time_spacings_mm"] == [0.45, 0.5]

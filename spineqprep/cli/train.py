@@ -20,11 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="spineqprep-train",
         description="Train a segmentation network on domain-randomised synthetic anatomy: "
-        "'spine' (background, vertebral body, sacrum, disc; 2D per sagittal slice), which also "
-        "fine-tunes on your own manual labels (BIDS derivatives: *_dseg.nii.gz + dseg.tsv), or "
+        "'spine' (background, vertebral body, sacrum, disc; 2D per sagittal slice) or "
         "'endplates' (the four L4-L5 / L5-S1 cartilage endplates on the first UTE echo, 64 x 64 "
-        "mm crop around L5, 0.5 mm pixels). Writes a bundle folder (weights.pt + model.json) "
-        "that --seg-weights / --cep-weights accept.",
+        "mm crop around L5, 0.5 mm pixels); either also fine-tunes on your own manual labels "
+        "(BIDS derivatives: *_dseg.nii.gz + dseg.tsv; endplates: "
+        "*_desc-endplates_dseg.nii.gz on the UTE grid). Writes a bundle folder (weights.pt + "
+        "model.json) that --seg-weights / --cep-weights accept.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("network", choices=NETWORKS, help="which network to train")
@@ -43,11 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from this bundle (folder or .pt with .json) instead of random "
                    "weights")
     p.add_argument("--labels-dir", type=Path, metavar="DERIV_DIR",
-                   help="(spine) BIDS derivatives with manual *_dseg.nii.gz (+ dseg.tsv) to "
-                   "fine-tune on; images are found in the raw dataset (DatasetLinks 'raw' or the "
-                   "dataset the derivatives folder sits in); half of every batch comes from them")
+                   help="BIDS derivatives with manual *_dseg.nii.gz (+ dseg.tsv) to fine-tune "
+                   "on (endplates: *_desc-endplates_dseg.nii.gz, paired with the first UTE "
+                   "echo); images are found in the raw dataset (DatasetLinks 'raw' or the "
+                   "dataset the derivatives folder sits in)")
     p.add_argument("--real-fraction", type=float, default=0.5, metavar="F",
-                   help="(spine, with --labels-dir) share of each batch from the labelled "
+                   help="(with --labels-dir) share of each batch from the labelled "
                    "slices; the rest stays synthetic so that other contrasts are not forgotten")
     p.add_argument("--lr", type=float, metavar="RATE",
                    help="learning rate (default 2e-3, 3e-4 with --init)")
@@ -75,9 +77,6 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0.0 < args.real_fraction <= 1.0:
             raise UsageError("--real-fraction must lie in (0, 1]")
-        if args.network == "endplates" and args.labels_dir:
-            raise UsageError("--labels-dir fine-tunes the spine network only",
-                             fix="train 'endplates' on synthetic data, or fine-tune 'spine'")
         if args.out.exists() and not args.out.is_dir():
             raise UsageError("exists and is not a folder", path=args.out,
                              fix="choose a new folder for the bundle")
@@ -93,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
             from spineqprep.segmentation.endplates import BANK, train_endplates
 
             train_endplates(args.out, args.steps, seed=args.seed, threads=args.threads,
-                            init=args.init, bank_size=(args.bank_subjects or BANK[0], BANK[1]),
-                            batch_size=args.batch_size, lr=args.lr, cutoffs=cutoffs,
+                            init=args.init, labels_dir=args.labels_dir,
+                            bank_size=(args.bank_subjects or BANK[0], BANK[1]),
+                            batch_size=args.batch_size, lr=args.lr,
+                            real_fraction=args.real_fraction, cutoffs=cutoffs,
                             test_time_spacings_mm=args.test_time_spacings, log=log)
         else:
             from spineqprep.segmentation.train import BANK, train_spine

@@ -29,9 +29,9 @@ from scipy import ndimage
 from spineqprep.errors import InputError
 from spineqprep.segmentation import augment, model_io, trainset
 from spineqprep.segmentation.infer import predict_probabilities, spatial_image
-from spineqprep.segmentation.localise import CropBox, crop, l5_crop_box
+from spineqprep.segmentation.localise import CropBox, crop, crop_box, l5_crop_box
 from spineqprep.segmentation.lut import ENDPLATE_LABELS as DSEG_LABELS
-from spineqprep.segmentation.lut import endplate_table
+from spineqprep.segmentation.lut import endplate_table, label_mapping, read_lut
 from spineqprep.segmentation.network import build_network, count_parameters
 from spineqprep.synth import labels as lab
 from spineqprep.synth.anatomy import build_anatomy, rotation_matrix
@@ -127,14 +127,51 @@ def sample(bank: trainset.SliceBank, rng: np.random.Generator, size: int
                                      max_rotation_deg=10.0)
 
 
+def load_labelled_crops(labels_dir: str | Path, min_foreground: int = 20
+                        ) -> list[trainset.LabelledSlice]:
+    """The sagittal slices with manual endplate labels of a derivatives folder: each
+    ``*_desc-endplates_dseg`` (with its ``dseg.tsv``, named as for ``-d`` precomputed masks)
+    on the first UTE echo of the raw dataset, both cut to a ``WINDOW`` (80 mm) square around
+    the labelled endplates' centroid (about the L5 centre the pipeline crops on; the training
+    deformation then moves the 64 mm crop by up to 8 mm) and resampled to 0.5 mm. Endplates
+    that the table does not name are left undecided, never background; slices without labels
+    are not used (a reader may label the central slices only)."""
+    root = Path(labels_dir)
+    out = []
+    for image_path, dseg_path in trainset.find_pairs(root, kind="endplates"):
+        image, dseg = trainset.load_pair(image_path, dseg_path)
+        data = np.rint(np.asarray(dseg.dataobj)).astype(np.int64)
+        mapping = label_mapping(read_lut(trainset.lut_path(dseg_path, root)), np.unique(data),
+                                kind="endplates", path=dseg_path)
+        if not mapping:
+            continue
+        class_of = {index: CLASSES.index(name) for name, index in DSEG_LABELS.items()}
+        table = {label: class_of[row["index"]] for label, row in mapping.items()}
+        centre = nib.affines.apply_affine(dseg.affine,
+                                          np.argwhere(np.isin(data, list(table))).mean(axis=0))
+        box = crop_box(image, centre, (WINDOW * SPACING_MM,) * 2)
+        known, to_bits_of = trainset.label_bits(table, len(CLASSES))
+        for img_slice, lab_slice in zip(trainset.canonical_slices(crop(image, box), 1,
+                                                                  SPACING_MM),
+                                        trainset.canonical_slices(crop(dseg, box), 0,
+                                                                  SPACING_MM), strict=True):
+            target = to_bits_of(lab_slice)
+            if np.count_nonzero(target & known) >= min_foreground:
+                out.append(trainset.LabelledSlice(img_slice, target, image_path.name))
+    return out
+
+
 def train_endplates(out: str | Path, steps: int, seed: int = 0, threads: int = 2,
-                    init: str | Path | None = None, bank_size: tuple[int, int] = BANK,
-                    batch_size: int = 8, lr: float | None = None,
+                    init: str | Path | None = None, labels_dir: str | Path | None = None,
+                    bank_size: tuple[int, int] = BANK, batch_size: int = 8,
+                    lr: float | None = None, real_fraction: float = 0.5,
                     cutoffs: Mapping[str, float] | None = None,
                     test_time_spacings_mm: Sequence[float] | None = None,
                     log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train the endplate network (``spineqprep-train endplates``) and write a bundle. Its
-    cut-offs are the published ones, overridden by those of ``init``, then by ``cutoffs``
+    """Train the endplate network (``spineqprep-train endplates``), or fine-tune ``init`` on
+    the manual endplate masks of ``labels_dir`` (:func:`load_labelled_crops`;
+    ``real_fraction`` of each batch), and write a bundle. Its cut-offs are the published ones,
+    overridden by those of ``init``, then by ``cutoffs``
     (:func:`model_io.inference_settings`)."""
     from spineqprep.segmentation.train import evaluate_slices, train
 
@@ -151,6 +188,12 @@ def train_endplates(out: str | Path, steps: int, seed: int = 0, threads: int = 2
     inference, inference_input = model_io.inference_settings(
         base, init, CLASSES, cutoffs=cutoffs, test_time_spacings_mm=test_time_spacings_mm)
     out.mkdir(parents=True, exist_ok=True)
+    real = load_labelled_crops(labels_dir) if labels_dir else []
+    if labels_dir and not real:
+        raise InputError("no slice of its endplate masks has endplate labels", path=labels_dir,
+                         fix="check the masks (*_desc-endplates_dseg.nii.gz) and dseg.tsv")
+    if real:
+        log(f"{len(real)} labelled UTE slices from {labels_dir}")
     bank_seed = trainset.TRAINING_SEED_BASE + seed
     log(f"endplate bank: {bank_size[0]} subjects x {bank_size[1]} planes (cohort seed "
         f"{bank_seed})")
@@ -158,7 +201,7 @@ def train_endplates(out: str | Path, steps: int, seed: int = 0, threads: int = 2
     log(f"bank ready in {time.perf_counter() - start:.0f} s; network "
         f"{count_parameters(model) / 1e6:.2f} M parameters")
     stream = trainset.SampleStream(bank, seed, batch_size=batch_size, size=CROP_PX,
-                                   sampler=sample)
+                                   real=real, real_fraction=real_fraction, sampler=sample)
     rate = lr if lr is not None else (2e-3 if init is None else 3e-4)
     history = train(model, stream, steps, rate, log, checkpoint=out / "checkpoint.pt",
                     classes=CLASSES, class_weights=CLASS_WEIGHTS)
@@ -182,7 +225,10 @@ def train_endplates(out: str | Path, steps: int, seed: int = 0, threads: int = 2
                      "loss": f"soft Dice + cross-entropy, class weights {list(CLASS_WEIGHTS)}",
                      "data": f"synthetic: spineqprep.synth anatomies, cohort seed {bank_seed}, "
                              f"{bank_size[0]} subjects x {bank_size[1]} sagittal planes around "
-                             "L5, domain-randomised",
+                             "L5, domain-randomised" + (
+                                 f"; fine-tuned on {len(real)} labelled UTE slices from "
+                                 f"{labels_dir} ({real_fraction:.0%} of each batch)"
+                                 if real else ""),
                      "augmentation": "random contrast per tissue label (50 %) or UTE-like "
                                      "contrasts (first echo, 5.2 ms echo, PD), 0.5-3 mm slices, "
                                      "bias, gamma, 0.35-1.1 mm pixels, Rician SNR "

@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -291,53 +291,108 @@ def _raw_roots(labels_dir: Path) -> list[Path]:
     return [r for r in roots if r.is_dir()]
 
 
-_IMAGE = re.compile(r"_(T1w|T2w|echo-1_MESE|tsl-1_MESL|echo-1_MEGRE)\.nii(\.gz)?$")
+#: Images a manual segmentation may be drawn on, per network: the spine network's contrasts
+#: (and the first echo / spin-lock of a mapping series), the endplate network's first UTE echo.
+IMAGES = {"spine": re.compile(r"_(T1w|T2w|echo-1_MESE|tsl-1_MESL|echo-1_MEGRE)\.nii(\.gz)?$"),
+          "endplates": re.compile(r"_echo-1_MEGRE\.nii(\.gz)?$")}
+#: The ``desc`` of an endplate segmentation (as the pipeline writes and accepts them).
+ENDPLATE_DESC = "_desc-endplates_"
 
 
-def find_pairs(labels_dir: str | Path) -> list[tuple[Path, Path]]:
+def find_pairs(labels_dir: str | Path, kind: str = "spine") -> list[tuple[Path, Path]]:
     """(image, dseg) pairs of a derivatives folder: ``sub-01_acq-sag_dseg.nii.gz`` pairs with
     ``sub-01_acq-sag_T2w.nii.gz`` / ``_T1w`` (and with the first echo / spin-lock of a mapping
     series ``sub-01_acq-mapss_echo-1_MESE`` ...) in the same relative folder of the raw
-    dataset. ``desc-`` entities of the dseg are ignored; ``_probseg`` files are not used."""
+    dataset; for ``kind="endplates"``, ``sub-01_acq-ute_desc-endplates_dseg.nii.gz`` pairs
+    with ``sub-01_acq-ute_echo-1_MEGRE.nii.gz`` (endplate masks are never used for the spine
+    network). Other ``desc-`` entities of the dseg are ignored; ``_probseg`` files are not
+    used."""
     root = Path(labels_dir)
     if not root.is_dir():
         raise InputError("the labels folder does not exist", path=root,
                          fix="give a BIDS derivatives folder with *_dseg.nii.gz files")
     raws = _raw_roots(root)
+    images = IMAGES[kind]
     pairs = []
     for dseg in sorted(root.rglob("*_dseg.nii*")):
+        if (ENDPLATE_DESC in dseg.name) != (kind == "endplates"):
+            continue
         stem = re.sub(r"_desc-[A-Za-z0-9]+", "", dseg.name.split("_dseg.nii")[0])
         rel = dseg.parent.relative_to(root)
         for raw in raws:
-            found = sorted(p for p in (raw / rel).glob(f"{stem}_*.nii*") if _IMAGE.search(p.name)
+            found = sorted(p for p in (raw / rel).glob(f"{stem}_*.nii*") if images.search(p.name)
                            and "_dseg" not in p.name)
             if found:
                 pairs += [(image, dseg) for image in found]
                 break
     if not pairs:
-        raise InputError("no *_dseg.nii.gz with a matching raw image (e.g. "
-                         "sub-01_acq-sag_dseg.nii.gz <-> sub-01_acq-sag_T2w.nii.gz)", path=root,
+        example = ("sub-01_acq-ute_desc-endplates_dseg.nii.gz <-> "
+                   "sub-01_acq-ute_echo-1_MEGRE.nii.gz" if kind == "endplates" else
+                   "sub-01_acq-sag_dseg.nii.gz <-> sub-01_acq-sag_T2w.nii.gz")
+        raise InputError(f"no *_dseg.nii.gz with a matching raw image (e.g. {example})",
+                         path=root,
                          fix="put the derivatives inside <raw>/derivatives/, or set DatasetLinks "
                              "{'raw': '<path>'} in its dataset_description.json")
     return pairs
 
 
-def _lookup(dseg: Path, root: Path) -> dict[int, int]:
-    """The class table of a dseg file: its own ``<stem>_dseg.tsv`` or the nearest dseg.tsv
-    upwards to the dataset root."""
+def lut_path(dseg: Path, root: Path) -> Path:
+    """The look-up table of a dseg file: its own ``<stem>_dseg.tsv`` or the nearest dseg.tsv
+    upwards to the dataset ``root``."""
     own = dseg.with_name(dseg.name.split(".nii")[0] + ".tsv")
     candidates = [own] + [d / "dseg.tsv" for d in [dseg.parent, *dseg.parent.parents]
                           if d == root or root in d.parents]
-    for path in candidates:
-        if path.is_file():
-            table = label_classes(_read_tsv(path))
-            if table:
-                return table
-            raise InputError("dseg.tsv names no vertebra (T12..L5), sacrum (S1) or disc "
-                             "(e.g. L4L5)", path=path,
-                             fix="use the schema abbreviations in the abbreviation column")
-    raise InputError("no dseg.tsv look-up table for this segmentation", path=dseg,
-                     fix="add dseg.tsv (index, name, abbreviation) at the derivatives root")
+    found = next((path for path in candidates if path.is_file()), None)
+    if found is None:
+        raise InputError("no dseg.tsv look-up table for this segmentation", path=dseg,
+                         fix="add dseg.tsv (index, name, abbreviation) at the derivatives root")
+    return found
+
+
+def _lookup(dseg: Path, root: Path) -> dict[int, int]:
+    """The class table of a dseg file (:func:`lut_path`, :func:`label_classes`)."""
+    path = lut_path(dseg, root)
+    table = label_classes(_read_tsv(path))
+    if not table:
+        raise InputError("dseg.tsv names no vertebra (T12..L5), sacrum (S1) or disc "
+                         "(e.g. L4L5)", path=path,
+                         fix="use the schema abbreviations in the abbreviation column")
+    return table
+
+
+def label_bits(table: Mapping[int, int], n_classes: int
+               ) -> tuple[int, Callable[[np.ndarray], np.ndarray]]:
+    """For a manual label set (``table``: dseg index -> class): the bitmask of the classes it
+    labels, and a function turning a label slice into target bitmasks (:func:`to_bits`). A
+    pixel of an index outside ``table`` may be background or any class the set does not
+    label."""
+    known = sum(1 << c for c in set(table.values()))
+    unlabelled = ((1 << n_classes) - 1) & ~known
+    lut = np.full(int(max(table) + 1), unlabelled, np.uint8)
+    for index, cls in table.items():
+        lut[index] = 1 << cls
+
+    def convert(lab_slice: np.ndarray) -> np.ndarray:
+        idx = np.rint(lab_slice).astype(np.int64)
+        inside = (idx >= 0) & (idx < len(lut))
+        return np.where(inside, lut[np.clip(idx, 0, len(lut) - 1)], unlabelled).astype(np.uint8)
+
+    return known, convert
+
+
+def load_pair(image_path: Path, dseg_path: Path
+              ) -> tuple[nib.spatialimages.SpatialImage, nib.spatialimages.SpatialImage]:
+    """An image and its manual segmentation, read and checked to share a grid."""
+    try:
+        image, dseg = nib.load(image_path), nib.load(dseg_path)
+    except Exception as err:  # nibabel raises many types for unreadable files
+        raise InputError(f"cannot read: {err}", path=image_path,
+                         fix="check the NIfTI files") from err
+    if image.shape[:3] != dseg.shape[:3]:
+        raise InputError(f"segmentation shape {dseg.shape} differs from the image "
+                         f"{image_path.name} {image.shape}", path=dseg_path,
+                         fix="a manual segmentation must be on the grid of its image")
+    return image, dseg
 
 
 def load_labelled_slices(labels_dir: str | Path, min_foreground: int = 50
@@ -352,27 +407,9 @@ def load_labelled_slices(labels_dir: str | Path, min_foreground: int = 50
     out = []
     for image_path, dseg_path in find_pairs(root):
         table = _lookup(dseg_path, root)
-        try:
-            image, dseg = nib.load(image_path), nib.load(dseg_path)
-        except Exception as err:  # nibabel raises many types for unreadable files
-            raise InputError(f"cannot read: {err}", path=image_path,
-                             fix="check the NIfTI files") from err
-        if image.shape[:3] != dseg.shape[:3]:
-            raise InputError(f"segmentation shape {dseg.shape} differs from the image "
-                             f"{image_path.name} {image.shape}", path=dseg_path,
-                             fix="a manual segmentation must be on the grid of its image")
-        known = sum(1 << c for c in set(table.values()))
-        unlabelled = ((1 << len(CLASSES)) - 1) & ~known  # background or a class not labelled
-        lut = np.full(int(max(table) + 1), unlabelled, np.uint8)
-        for index, cls in table.items():
-            lut[index] = 1 << cls
-        labels = canonical_slices(dseg, 0)
-        bits = []
-        for lab_slice in labels:
-            idx = np.rint(lab_slice).astype(np.int64)
-            inside = (idx >= 0) & (idx < len(lut))
-            bits.append(np.where(inside, lut[np.clip(idx, 0, len(lut) - 1)],
-                                 unlabelled).astype(np.uint8))
+        image, dseg = load_pair(image_path, dseg_path)
+        known, to_bits_of = label_bits(table, len(CLASSES))
+        bits = [to_bits_of(lab_slice) for lab_slice in canonical_slices(dseg, 0)]
         rows = np.flatnonzero(np.any([(b & known) > 0 for b in bits], axis=(0, 2)))
         if rows.size == 0:
             continue
