@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -17,7 +18,9 @@ from scipy import ndimage
 from spineqprep.bids.schema import load_schema
 from spineqprep.bids.validate_derivatives import check_derivatives
 from spineqprep.cli.run import main
+from spineqprep.errors import InputError
 from spineqprep.registration import DiscTransform, apply_transform
+from spineqprep.registration import pipeline as grid_pipeline
 from spineqprep.registration.atlas import load_atlas, space_name
 from spineqprep.registration.pipeline import (
     QC_COLUMNS,
@@ -221,3 +224,54 @@ def test_participant_level_writes_atlas_space_maps_and_flags_a_failed_disc(tmp_p
     assert "Atlas space" in report and "registration.png" in report
     assert (out / f"sub-{subject}" / "figures" /
             f"sub-{subject}_acq-mapss_registration.png").exists()
+
+
+def _two_disc_grid() -> tuple[nib.Nifti1Image, SeriesInput]:
+    """A 20-voxel cube with the L3L4 and L4L5 discs and a T2 series of T = 80 ms everywhere."""
+    dseg = np.zeros((20, 20, 20), np.uint8)
+    dseg[5:15, 5:15, 4:7] = disc_labels()["L3L4"]
+    dseg[5:15, 5:15, 12:15] = disc_labels()["L4L5"]
+    times = (0.01, 0.03, 0.05)
+    echoes = tuple(nib.Nifti1Image(np.full(dseg.shape, 1000 * np.exp(-t / 0.08), np.float32),
+                                   np.eye(4)) for t in times)
+    native = {key: nib.Nifti1Image(np.full(dseg.shape, value, np.float32), np.eye(4))
+              for key, value in (("T", 0.08), ("S0", 1000.0), ("Rsquared", 1.0), ("mask", 1))}
+    return nib.Nifti1Image(dseg, np.eye(4)), SeriesInput("T2map", echoes, times, native)
+
+
+def test_an_unexpected_error_fails_its_disc_only(tmp_path, monkeypatch) -> None:
+    """An exception (a bug) while warping one disc fails that disc, with the error as its
+    one-line reason, and the next disc is registered, warped and fitted; an InputError (bad
+    arguments) still raises. Registration and warping are stand-ins (no ITK): a passing
+    transform per disc, and a warp that spreads an image's mean over the atlas grid."""
+
+    def register(moving, atlas_mask, out_dir, **kw):
+        return (DiscTransform("elastix", (Path(out_dir) / "xfm.txt",)),
+                DiscQuality(0.95, 1.0, 0.05, 0.0, None, True, ""))
+
+    def warp(transform, image, atlas_mask, *, interpolation="linear"):
+        if transform.files[0].parent.name == "L3L4":
+            raise error
+        value = np.float32(np.mean(np.asarray(image.dataobj)))
+        return nib.Nifti1Image(np.full(atlas_mask.shape, value), atlas_mask.affine)
+
+    monkeypatch.setattr(grid_pipeline, "register_disc", register)
+    monkeypatch.setattr(grid_pipeline, "apply_transform", warp)
+    dseg, series = _two_disc_grid()
+    error = ZeroDivisionError("a\n  bug")
+    results = register_grid(dseg, [series], load_atlas(), tmp_path, disc_labels=disc_labels(),
+                            levels=LEVELS)
+    bad, good = results
+    assert bad.level == "L3L4" and not bad.quality.passed and bad.maps == {}
+    assert bad.quality.reason == ("unexpected error (a bug: please report it): "
+                                  "ZeroDivisionError: a bug")
+    assert good.level == "L4L5" and good.quality.passed
+    t2 = np.asarray(good.maps["T2map"]["echoes"]["T"].dataobj)
+    inside = np.asarray(load_atlas().mask("L4L5").dataobj) > 0.5
+    assert np.allclose(t2[inside], 0.08, rtol=1e-3)
+    assert good.quality.histogram_distance is not None and good.quality.histogram_distance < 1e-3
+    error = InputError("an echo is 4D")
+    with pytest.raises(InputError, match="an echo is 4D"):
+        register_grid(dseg, [series], load_atlas(), tmp_path, disc_labels=disc_labels(),
+                      levels=LEVELS)
+
