@@ -32,3 +32,9 @@ class UsageError(SpineqprepError):
     """The command line or configuration is wrong."""
 
     exit_code = 2
+
+
+def one_line(message: object, limit: int = 300) -> str:
+    """A message folded onto one line and cut to ``limit`` characters: for the reason of a
+    failed step in a QC table, where a multi-line or huge message would break the row."""
+    return " ".join(str(message).split())[:limit]

@@ -6,7 +6,11 @@ Held-out data: generator seed 2031 and site B (development used seed 3, site A).
 from __future__ import annotations
 
 import json
+import os
+import resource
 import shutil
+import signal
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -15,10 +19,16 @@ import pytest
 from scipy import ndimage
 
 from spineqprep.bids.schema import load_schema
+from spineqprep.bids.staging import commit_staged
 from spineqprep.bids.validate_derivatives import check_derivatives
 from spineqprep.cli.run import main
+from spineqprep.errors import InputError
+from spineqprep.interfaces.registration import RegisterDiscs
 from spineqprep.registration import DiscTransform, apply_transform
+from spineqprep.registration import pipeline as grid_pipeline
+from spineqprep.registration.atlas import LEVELS as ALL_LEVELS
 from spineqprep.registration.atlas import load_atlas, space_name
+from spineqprep.registration.isolate import Crash, run_forked
 from spineqprep.registration.pipeline import (
     QC_COLUMNS,
     DiscResult,
@@ -221,3 +231,114 @@ def test_participant_level_writes_atlas_space_maps_and_flags_a_failed_disc(tmp_p
     assert "Atlas space" in report and "registration.png" in report
     assert (out / f"sub-{subject}" / "figures" /
             f"sub-{subject}_acq-mapss_registration.png").exists()
+
+
+def _segfault() -> None:
+    """Die as an itk-elastix crash does (no core file)."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def _raise() -> None:
+    raise ValueError("bad\nthing")
+
+
+def test_run_forked_returns_the_result_of_the_child() -> None:
+    pid, files = run_forked(lambda: (os.getpid(), ["a", "b"]))
+    assert pid != os.getpid() and files == ["a", "b"]
+
+
+@pytest.mark.parametrize(("fn", "message"), [
+    (_raise, "raised ValueError: bad thing"),
+    (lambda: os._exit(3), "exited with code 3 without a result"),
+    (_segfault, "was killed by signal 11 (Segmentation fault)"),
+])
+def test_run_forked_describes_a_child_that_raises_or_dies(fn, message) -> None:
+    crash = run_forked(fn)
+    assert isinstance(crash, Crash)
+    assert crash.message == message
+    assert ("ValueError: bad" in crash.traceback) == (fn is _raise)
+
+
+def _two_disc_grid() -> tuple[nib.Nifti1Image, SeriesInput]:
+    """A 20-voxel cube with the L3L4 and L4L5 discs and a T2 series of T = 80 ms everywhere."""
+    dseg = np.zeros((20, 20, 20), np.uint8)
+    dseg[5:15, 5:15, 4:7] = disc_labels()["L3L4"]
+    dseg[5:15, 5:15, 12:15] = disc_labels()["L4L5"]
+    times = (0.01, 0.03, 0.05)
+    echoes = tuple(nib.Nifti1Image(np.full(dseg.shape, 1000 * np.exp(-t / 0.08), np.float32),
+                                   np.eye(4)) for t in times)
+    native = {key: nib.Nifti1Image(np.full(dseg.shape, value, np.float32), np.eye(4))
+              for key, value in (("T", 0.08), ("S0", 1000.0), ("Rsquared", 1.0), ("mask", 1))}
+    return nib.Nifti1Image(dseg, np.eye(4)), SeriesInput("T2map", echoes, times, native)
+
+
+def test_an_unexpected_error_fails_its_disc_only(tmp_path, monkeypatch) -> None:
+    """An exception (a bug) while warping one disc fails that disc, with the error as its
+    one-line reason, and the next disc is registered, warped and fitted; an InputError (bad
+    arguments) still raises. Registration and warping are stand-ins (no ITK): a passing
+    transform per disc, and a warp that spreads an image's mean over the atlas grid."""
+
+    def register(moving, atlas_mask, out_dir, **kw):
+        return (DiscTransform("elastix", (Path(out_dir) / "xfm.txt",)),
+                DiscQuality(0.95, 1.0, 0.05, 0.0, None, True, ""))
+
+    def warp(transform, image, atlas_mask, *, interpolation="linear"):
+        if transform.files[0].parent.name == "L3L4":
+            raise error
+        value = np.float32(np.mean(np.asarray(image.dataobj)))
+        return nib.Nifti1Image(np.full(atlas_mask.shape, value), atlas_mask.affine)
+
+    monkeypatch.setattr(grid_pipeline, "register_disc", register)
+    monkeypatch.setattr(grid_pipeline, "apply_transform", warp)
+    dseg, series = _two_disc_grid()
+    error = ZeroDivisionError("a\n  bug")
+    results = register_grid(dseg, [series], load_atlas(), tmp_path, disc_labels=disc_labels(),
+                            levels=LEVELS)
+    bad, good = results
+    assert bad.level == "L3L4" and not bad.quality.passed and bad.maps == {}
+    assert bad.quality.reason == ("unexpected error (a bug: please report it): "
+                                  "ZeroDivisionError: a bug")
+    assert good.level == "L4L5" and good.quality.passed
+    t2 = np.asarray(good.maps["T2map"]["echoes"]["T"].dataobj)
+    inside = np.asarray(load_atlas().mask("L4L5").dataobj) > 0.5
+    assert np.allclose(t2[inside], 0.08, rtol=1e-3)
+    assert good.quality.histogram_distance is not None and good.quality.histogram_distance < 1e-3
+    error = InputError("an echo is 4D")
+    with pytest.raises(InputError, match="an echo is 4D"):
+        register_grid(dseg, [series], load_atlas(), tmp_path, disc_labels=disc_labels(),
+                      levels=LEVELS)
+
+
+def test_a_crashed_registration_process_flags_every_disc(tmp_path, monkeypatch) -> None:
+    """itk-elastix may segfault: the node survives, lists only the grid's QC table (every
+    level failed, saying why) and never a file the dead process staged, so publishing the
+    subject commits that table alone."""
+    staging = tmp_path / "staging"
+    stale = staging / "sub-01" / "anat" / "sub-01_acq-mese_space-SpineDiscL4L5_T2map.nii.gz"
+
+    def crash(*args, **kwargs):
+        stale.parent.mkdir(parents=True)
+        stale.write_bytes(b"half")
+        _segfault()
+
+    monkeypatch.setattr("spineqprep.interfaces.registration.register_grid", crash)
+    dseg, series = _two_disc_grid()
+    nib.save(dseg, tmp_path / "dseg.nii.gz")
+    files = []
+    for i, img in enumerate([*series.images, *series.native_maps.values()]):
+        files.append(tmp_path / f"image{i}.nii.gz")
+        nib.save(img, files[-1])
+    node = RegisterDiscs(
+        in_dseg=str(tmp_path / "dseg.nii.gz"), in_fits=[str(f) for f in files[3:]],
+        series=[{"suffix": "T2map", "files": [str(f) for f in files[:3]],
+                 "times": list(series.times), "sidecar": {}}],
+        entities={"sub": "01", "acq": "mese"}, staging_dir=str(staging))
+    outputs = node.run(cwd=str(tmp_path)).outputs
+    assert stale.exists() and outputs.out_files == [outputs.out_qc]
+    qc = pd.read_csv(outputs.out_qc, sep="\t", na_values="n/a", keep_default_na=False)
+    assert list(qc["level"]) == list(ALL_LEVELS) and not qc["passed"].any()
+    assert set(qc["reason"]) == {"registration process was killed by signal 11 (Segmentation "
+                                 "fault) (a bug: please report it)"}
+    published = commit_staged(outputs.out_files, staging, tmp_path / "out")
+    assert [p.name for p in published] == ["sub-01_acq-mese_desc-registration_qc.tsv"]

@@ -1,11 +1,13 @@
 """Nipype interface around :func:`spineqprep.registration.pipeline.register_grid`.
 
-One node per acquisition grid registers all of its discs: ITK / elastix loads once per process
-(10-20 s), not once per disc.
+One node per acquisition grid registers all of its discs: ITK / elastix loads once per node
+(10-20 s), not once per disc, in a child process that a crash of itk-elastix may kill without
+taking the node (and the subject's other derivatives) with it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -22,16 +24,19 @@ from nipype.interfaces.base import (
 )
 
 from spineqprep.config import DEFAULT_T_RANGES
-from spineqprep.registration.atlas import load_atlas
+from spineqprep.registration.atlas import LEVELS, load_atlas
+from spineqprep.registration.isolate import Crash, run_forked
 from spineqprep.registration.pipeline import (
     WARP_MODES,
     SeriesInput,
     disc_labels,
+    failed_disc,
     register_grid,
     stage_results,
 )
 
 _FIT_KEYS = ("T", "S0", "Rsquared", "mask")  # order of a relaxometry workflow's out_files
+_log = logging.getLogger(__name__)
 
 
 class _RegisterDiscsInputSpec(BaseInterfaceInputSpec):
@@ -63,6 +68,24 @@ class RegisterDiscs(SimpleInterface):
     output_spec = _RegisterDiscsOutputSpec
 
     def _run_interface(self, runtime):
+        # in a forked child: an itk-elastix crash (segfault) kills the child, not this node,
+        # so the grid's QC table still says what happened and the subject's other
+        # derivatives are published; files the child staged before dying are not listed
+        outcome = run_forked(lambda: self._register_and_stage(Path(runtime.cwd) / "discs"))
+        if isinstance(outcome, Crash):
+            _log.error("registration of %s %s\n%s", self.inputs.in_dseg, outcome.message,
+                       outcome.traceback)
+            reason = f"registration process {outcome.message} (a bug: please report it)"
+            qc = stage_results([failed_disc(level, self.inputs.backend, reason)
+                                for level in LEVELS], {}, dict(self.inputs.entities),
+                               Path(self.inputs.staging_dir), self.inputs.warp)
+            outcome = [str(f) for f in qc]
+        self._results["out_files"] = outcome
+        self._results["out_qc"] = outcome[-1]
+        return runtime
+
+    def _register_and_stage(self, work_dir: Path) -> list[str]:
+        """Register, warp, fit and stage the grid (run in the child); the staged files."""
         # elastix 0.25.4 crashes with several threads on multi-metric B-spline registration:
         # the global ITK thread count is the safe knob (read when ITK loads).
         os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(self.inputs.num_threads)
@@ -79,13 +102,11 @@ class RegisterDiscs(SimpleInterface):
         maps = (self.inputs.parameter_maps if isdefined(self.inputs.parameter_maps) else [])
         results = register_grid(
             nib.load(self.inputs.in_dseg), series, load_atlas(self.inputs.atlas_dir or None),
-            Path(runtime.cwd) / "discs", disc_labels=disc_labels(), backend=self.inputs.backend,
+            work_dir, disc_labels=disc_labels(), backend=self.inputs.backend,
             parameter_maps=[Path(p) for p in maps] or None, min_dice=self.inputs.min_dice,
             warp=self.inputs.warp,
             fit_kw={"model": self.inputs.fit_model, "n_threads": self.inputs.num_threads},
             t_ranges={s.suffix: DEFAULT_T_RANGES[s.suffix] for s in series})
         files = stage_results(results, meta, dict(self.inputs.entities),
                               Path(self.inputs.staging_dir), self.inputs.warp)
-        self._results["out_files"] = [str(f) for f in files]
-        self._results["out_qc"] = str(files[-1])
-        return runtime
+        return [str(f) for f in files]

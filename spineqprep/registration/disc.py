@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from spineqprep.errors import InputError, UsageError
+from spineqprep.errors import InputError, UsageError, one_line
 from spineqprep.registration.params import elastix_parameter_files
 from spineqprep.registration.quality import DiscQuality, assess, failed
 
@@ -130,8 +130,7 @@ def register_disc(
                                                  rescale=False), reference, "linear")
             det_j = engine.det_jacobian(files, reference)
         except (RuntimeError, ValueError) as err:  # a backend failure fails this disc only
-            message = " ".join(str(err).split())[:300]
-            result = (DiscTransform(backend, ()), failed(f"{backend} failed: {message}"))
+            result = (DiscTransform(backend, ()), failed(f"{backend} failed: {one_line(err)}"))
             continue
         quality = assess(warped > 0.5, reference.data > 0.5, det_j, min_dice=min_dice)
         result = (DiscTransform(backend, tuple(files)), quality)

@@ -3,12 +3,14 @@
 METHODS.md section 1: every disc of the segmentation is registered to its level's atlas disc
 (``register_disc``); every echo / spin-lock image of each series on that grid is warped into
 atlas space and fitted there (``warp="echoes"``, as published), and/or the native maps are
-warped (``warp="maps"``). A disc that fails (no mask, folding, low Dice, backend error) keeps
-its quality record and gets no atlas-space map; it never stops the other discs.
+warped (``warp="maps"``). A disc that fails (no mask, folding, low Dice, backend error, an
+unexpected error) keeps its quality record and gets no atlas-space map; it never stops the
+other discs.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -26,6 +28,7 @@ from spineqprep.bids.derivatives import (
     map_metadata,
 )
 from spineqprep.bids.schema import load_schema
+from spineqprep.errors import InputError, UsageError, one_line
 from spineqprep.registration.atlas import LEVELS, Atlas, mask_name, space_name
 from spineqprep.registration.disc import (
     DiscTransform,
@@ -44,6 +47,8 @@ from spineqprep.relaxometry import fit_images
 WARP_MODES = ("echoes", "maps", "both")
 QC_COLUMNS = ("level", "dice", "jacobian_mean", "jacobian_sd", "folded_fraction",
               "histogram_distance", "fov_cut", "passed", "reason", "backend")
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -87,16 +92,17 @@ def register_grid(
     """Register every disc level of ``dseg`` and bring every series into atlas space.
 
     ``fit_kw`` goes to ``fit_images`` (model, n_threads); ``t_ranges[suffix]`` is each map's
-    valid range of the fitted time constant."""
+    valid range of the fitted time constant. Bad arguments raise UsageError / InputError (as
+    ``register_disc`` does); any other exception met by one disc (a bug) fails that disc only,
+    with the error as its reason, and the other discs go on."""
     if warp not in WARP_MODES:
         raise ValueError(f"warp must be one of {WARP_MODES}, not {warp!r}")
     single = is_single_slice(dseg)
-    results = []
-    for level in levels:
+
+    def one_disc(level: str) -> DiscResult:
         if level not in atlas.files:  # an atlas of some levels only: this disc is not mapped
-            results.append(DiscResult(level, DiscTransform(backend, ()), failed(
-                f"no atlas level: {mask_name(level)} is not in {atlas.root}"), {}, {}))
-            continue
+            return failed_disc(level, backend,
+                               f"no atlas level: {mask_name(level)} is not in {atlas.root}")
         atlas_mask = atlas.mask_like(level, single)
         moving = disc_mask(dseg, disc_labels[level])
         transform, quality = register_disc(moving, atlas_mask, Path(work_dir) / level,
@@ -119,8 +125,24 @@ def register_grid(
                          if q.histogram_distance is not None
                          and np.isfinite(q.histogram_distance)]
             quality = replace(quality, histogram_distance=max(distances) if distances else None)
-        results.append(DiscResult(level, transform, quality, maps, by_map))
+        return DiscResult(level, transform, quality, maps, by_map)
+
+    results = []
+    for level in levels:
+        try:
+            results.append(one_disc(level))
+        except (InputError, UsageError):  # the caller's arguments: not this disc's fault
+            raise
+        except Exception as err:
+            _log.exception("disc %s failed with an unexpected error", level)
+            results.append(failed_disc(level, backend, f"unexpected error (a bug: please "
+                                       f"report it): {type(err).__name__}: {one_line(err)}"))
     return results
+
+
+def failed_disc(level: str, backend: str, reason: str) -> DiscResult:
+    """A disc that was not mapped: its failed quality record and nothing else."""
+    return DiscResult(level, DiscTransform(backend, ()), failed(reason), {}, {})
 
 
 def _to_atlas(s: SeriesInput, transform: DiscTransform, atlas_mask: nib.Nifti1Image,
