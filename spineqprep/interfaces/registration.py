@@ -1,8 +1,9 @@
 """Nipype interface around :func:`spineqprep.registration.pipeline.register_grid`.
 
-One node per acquisition grid registers all of its discs: ITK / elastix loads once per node
-(10-20 s), not once per disc, in a child process that a crash of itk-elastix may kill without
-taking the node (and the subject's other derivatives) with it.
+One node per acquisition grid registers all of its discs in a forked child process, which a
+crash of itk-elastix may kill without taking the node (and the subject's other derivatives)
+with it. ITK / elastix is loaded in the node's process first (10-20 s, once per worker
+process), so the children inherit it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from nipype.interfaces.base import (
 
 from spineqprep.config import DEFAULT_T_RANGES
 from spineqprep.registration.atlas import LEVELS, load_atlas
+from spineqprep.registration.elastix import preload
 from spineqprep.registration.isolate import Crash, run_forked
 from spineqprep.registration.pipeline import (
     WARP_MODES,
@@ -71,6 +73,8 @@ class RegisterDiscs(SimpleInterface):
         # in a forked child: an itk-elastix crash (segfault) kills the child, not this node,
         # so the grid's QC table still says what happened and the subject's other
         # derivatives are published; files the child staged before dying are not listed
+        if self.inputs.backend == "elastix":
+            preload()
         outcome = run_forked(lambda: self._register_and_stage(Path(runtime.cwd) / "discs"))
         if isinstance(outcome, Crash):
             _log.error("registration of %s %s\n%s", self.inputs.in_dseg, outcome.message,
@@ -86,8 +90,8 @@ class RegisterDiscs(SimpleInterface):
 
     def _register_and_stage(self, work_dir: Path) -> list[str]:
         """Register, warp, fit and stage the grid (run in the child); the staged files."""
-        # elastix 0.25.4 crashes with several threads on multi-metric B-spline registration:
-        # the global ITK thread count is the safe knob (read when ITK loads).
+        # ANTsPy (backend or fallback) reads its thread count when it loads; elastix's ITK gets
+        # the global thread count from elastix.itk_module (the crash-free knob)
         os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(self.inputs.num_threads)
         series = []
         meta = {}
