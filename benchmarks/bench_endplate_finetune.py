@@ -73,6 +73,7 @@ def main() -> None:
     side = pd.concat({name: t[t["locator"] == "predicted"].groupby("endplate")[columns].mean()
                       for name, t in tables.items()}, axis=1).round(3)
     pd.set_option("display.width", 160)
+    pd.set_option("display.max_columns", None)
     print(side)
     for name, table in tables.items():
         part = table[table["locator"] == "predicted"].dropna(subset=["t2s_pred_ms"])
