@@ -10,6 +10,7 @@ import os
 import resource
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -279,6 +280,12 @@ def _raise() -> None:
 def test_run_forked_returns_the_result_of_the_child() -> None:
     pid, files = run_forked(lambda: (os.getpid(), ["a", "b"]))
     assert pid != os.getpid() and files == ["a", "b"]
+
+
+def test_run_forked_stops_a_child_that_hangs() -> None:
+    crash = run_forked(lambda: time.sleep(60), timeout_s=0.5)
+    assert isinstance(crash, Crash)
+    assert crash.message == "did not finish within 0.5 s and was stopped"
 
 
 @pytest.mark.parametrize(("fn", "message"), [

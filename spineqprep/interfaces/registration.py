@@ -38,6 +38,9 @@ from spineqprep.registration.pipeline import (
 )
 
 _FIT_KEYS = ("T", "S0", "Rsquared", "mask")  # order of a relaxometry workflow's out_files
+#: A grid's registration is stopped (its discs flagged) after this long: a hung itk-elastix must
+#: not block the run. A grid of 5 discs takes 20-40 s here (3D, maps included).
+GRID_TIMEOUT_S = 3600.0
 _log = logging.getLogger(__name__)
 
 
@@ -75,7 +78,8 @@ class RegisterDiscs(SimpleInterface):
         # derivatives are published; files the child staged before dying are not listed
         if self.inputs.backend == "elastix":
             preload()
-        outcome = run_forked(lambda: self._register_and_stage(Path(runtime.cwd) / "discs"))
+        outcome = run_forked(lambda: self._register_and_stage(Path(runtime.cwd) / "discs"),
+                             timeout_s=GRID_TIMEOUT_S)
         if isinstance(outcome, Crash):
             _log.error("registration of %s %s\n%s", self.inputs.in_dseg, outcome.message,
                        outcome.traceback)

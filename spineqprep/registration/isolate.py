@@ -22,18 +22,20 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class Crash:
     """Why a forked call gave no result: ``message`` on one line (it "raised ...", "was killed
-    by signal ...", "exited with code ..." or "could not start ..."), and the child's traceback
-    when it raised."""
+    by signal ...", "exited with code ...", "did not finish ..." or "could not start ..."),
+    and the child's traceback when it raised."""
 
     message: str
     traceback: str = ""
 
 
-def run_forked(fn: Callable[[], T]) -> T | Crash:
+def run_forked(fn: Callable[[], T], timeout_s: float | None = None) -> T | Crash:
     """``fn()`` run in a forked child; its result (sent back pickled), or a ``Crash``.
 
     The child is not a daemon, so it may fork workers of its own (``fit_monoexp``). A result
-    received in full counts even if the child dies afterwards; the child is always reaped.
+    received in full counts even if the child dies afterwards; the child is always reaped, and
+    killed when it has sent nothing after ``timeout_s`` seconds (a hung library must not block
+    the run).
     """
     ctx = multiprocessing.get_context("fork")
     reader, writer = ctx.Pipe(duplex=False)
@@ -55,6 +57,8 @@ def run_forked(fn: Callable[[], T]) -> T | Crash:
         writer.close()  # the child holds the only write end: its death is our end-of-file
     try:
         try:
+            if not reader.poll(timeout_s):
+                return Crash(f"did not finish within {timeout_s:g} s and was stopped")
             result, crash = reader.recv()
         except EOFError:  # died without a word: killed, or exited on its own
             proc.join()
@@ -62,7 +66,7 @@ def run_forked(fn: Callable[[], T]) -> T | Crash:
         proc.join()
     finally:
         reader.close()
-        if proc.is_alive():  # interrupted while waiting (e.g. Ctrl-C): the child's work is moot
+        if proc.is_alive():  # timed out, or interrupted (Ctrl-C): the child's work is moot
             proc.kill()
             proc.join()
     return result if crash is None else crash
