@@ -282,10 +282,28 @@ def test_run_forked_returns_the_result_of_the_child() -> None:
     assert pid != os.getpid() and files == ["a", "b"]
 
 
-def test_run_forked_stops_a_child_that_hangs() -> None:
-    crash = run_forked(lambda: time.sleep(60), timeout_s=0.5)
+def _hang_with_a_worker(pid_file: Path) -> None:
+    """Fork a worker (as the fitter does), note its pid, then hang."""
+    worker = os.fork()
+    if worker == 0:
+        time.sleep(600)  # outlives its parent unless killed with it
+        os._exit(0)
+    pid_file.write_text(str(worker))
+    time.sleep(60)
+
+
+def test_run_forked_stops_a_child_that_hangs_and_its_workers(tmp_path) -> None:
+    pid_file = tmp_path / "worker.pid"
+    crash = run_forked(lambda: _hang_with_a_worker(pid_file), timeout_s=1.0)
     assert isinstance(crash, Crash)
-    assert crash.message == "did not finish within 0.5 s and was stopped"
+    assert crash.message == "did not finish within 1 s and was stopped"
+    stat = Path(f"/proc/{pid_file.read_text()}/stat")
+    for _ in range(50):  # killed: gone, or a zombie until something reaps it
+        if not stat.exists() or stat.read_text().split(")")[-1].split()[0] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the worker of the stopped child still runs: {stat.read_text()}")
 
 
 @pytest.mark.parametrize(("fn", "message"), [

@@ -7,7 +7,9 @@ discs as failed and lets the subject's other derivatives be published (docs/regi
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
 import signal
 import traceback
 from collections.abc import Callable
@@ -34,13 +36,14 @@ def run_forked(fn: Callable[[], T], timeout_s: float | None = None) -> T | Crash
 
     The child is not a daemon, so it may fork workers of its own (``fit_monoexp``). A result
     received in full counts even if the child dies afterwards; the child is always reaped, and
-    killed when it has sent nothing after ``timeout_s`` seconds (a hung library must not block
-    the run).
+    killed with the workers it forked (its process group) when it has sent nothing after
+    ``timeout_s`` seconds (a hung library must not block the run).
     """
     ctx = multiprocessing.get_context("fork")
     reader, writer = ctx.Pipe(duplex=False)
 
     def child() -> None:
+        os.setpgrp()  # a group of its own: stopping it stops the workers it forked too
         try:
             writer.send((fn(), None))
         except BaseException as err:  # reported to the parent, whatever it is
@@ -67,7 +70,8 @@ def run_forked(fn: Callable[[], T], timeout_s: float | None = None) -> T | Crash
     finally:
         reader.close()
         if proc.is_alive():  # timed out, or interrupted (Ctrl-C): the child's work is moot
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):  # gone meanwhile
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.join()
     return result if crash is None else crash
 
