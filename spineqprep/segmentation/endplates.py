@@ -137,6 +137,7 @@ def load_labelled_crops(labels_dir: str | Path, min_foreground: int = 20
     that the table does not name are left undecided, never background; slices without labels
     are not used (a reader may label the central slices only)."""
     root = Path(labels_dir)
+    class_of = {index: CLASSES.index(name) for name, index in DSEG_LABELS.items()}
     out = []
     for image_path, dseg_path in trainset.find_pairs(root, kind="endplates"):
         image, dseg = trainset.load_pair(image_path, dseg_path)
@@ -145,7 +146,6 @@ def load_labelled_crops(labels_dir: str | Path, min_foreground: int = 20
                                 kind="endplates", path=dseg_path)
         if not mapping:
             continue
-        class_of = {index: CLASSES.index(name) for name, index in DSEG_LABELS.items()}
         table = {label: class_of[row["index"]] for label, row in mapping.items()}
         centre = nib.affines.apply_affine(dseg.affine,
                                           np.argwhere(np.isin(data, list(table))).mean(axis=0))
