@@ -65,7 +65,7 @@ def run_forked(fn: Callable[[], T], timeout_s: float | None = None) -> T | Crash
             result, crash = reader.recv()
         except EOFError:  # died without a word: killed, or exited on its own
             proc.join()
-            result, crash = None, _death(proc.exitcode)
+            return _death(proc.exitcode)
         proc.join()
     finally:
         reader.close()
