@@ -269,8 +269,10 @@ def test_finetuned_bundle_keeps_the_inference_settings(synth, tmp_path):
     base = json.loads((PACKAGED / "spine" / "model.json").read_text())
     train.train_spine(tmp_path / "tuned", steps=1, seed=1, threads=2, init=PACKAGED / "spine",
                       bank_size=(1, 2), batch_size=2, eval_bank=(1, 2), eval_samples=8,
-                      log=lambda _: None)
+                      realistic_fraction=0.6, log=lambda _: None)
     model, meta = model_io.load_bundle(tmp_path / "tuned")
+    assert "tissue label (40%) or generator contrasts T1w/T2w/PD/T2-prep (60%)" in \
+        meta["training"]["augmentation"]
     assert meta["cutoffs"] == base["cutoffs"] == {"disc": 0.68}
     assert meta["cutoffs_by_contrast"] == base["cutoffs_by_contrast"]
     assert meta["input"]["test_time_spacings_mm"] == base["input"]["test_time_spacings_mm"]
@@ -320,6 +322,7 @@ def test_train_command_checks_the_inference_options(tmp_path, capsys):
             (["spine", "--cutoff", "L4L5_superior=0.3"], 2, "not classes of this network"),
             (["endplates", "--cutoff", "T2w:L4L5_superior=0.3"], 2, "spine network only"),
             (["spine", "--test-time-spacings", "0", "1.25"], 2, "positive"),
+            (["spine", "--realistic-fraction", "1.5"], 2, "--realistic-fraction"),
             (["spine", "--init", str(PACKAGED / "endplates")], 1, "'endplates' network")):
         assert train_main([*args, "--out", str(out), "--steps", "1"]) == code
         err = capsys.readouterr().err

@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-fraction", type=float, default=0.5, metavar="F",
                    help="(with --labels-dir) share of each batch from the labelled "
                    "slices; the rest stays synthetic so that other contrasts are not forgotten")
+    p.add_argument("--realistic-fraction", type=float, default=0.3, metavar="F",
+                   help="(spine) share of synthetic samples drawn in the generator's own "
+                   "contrasts (T1w / T2w / PD / T2-prep at random TR / TE) rather than a random "
+                   "contrast per tissue")
     p.add_argument("--lr", type=float, metavar="RATE",
                    help="learning rate (default 2e-3, 3e-4 with --init)")
     g = p.add_argument_group(
@@ -77,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0.0 < args.real_fraction <= 1.0:
             raise UsageError("--real-fraction must lie in (0, 1]")
+        if not 0.0 <= args.realistic_fraction <= 1.0:
+            raise UsageError("--realistic-fraction must lie in [0, 1]")
         if args.out.exists() and not args.out.is_dir():
             raise UsageError("exists and is not a folder", path=args.out,
                              fix="choose a new folder for the bundle")
@@ -104,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                         init=args.init, labels_dir=args.labels_dir,
                         bank_size=(args.bank_subjects or BANK[0], BANK[1]),
                         batch_size=args.batch_size, lr=args.lr,
-                        real_fraction=args.real_fraction, cutoffs=cutoffs,
+                        real_fraction=args.real_fraction,
+                        realistic_fraction=args.realistic_fraction, cutoffs=cutoffs,
                         cutoffs_by_contrast=by_contrast,
                         test_time_spacings_mm=args.test_time_spacings, log=log)
     except SpineqprepError as err:

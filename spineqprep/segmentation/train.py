@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -189,7 +190,8 @@ def train_spine(out: str | Path, steps: int, seed: int = 0, threads: int = 2,
                 init: str | Path | None = None, labels_dir: str | Path | None = None,
                 bank_size: tuple[int, int] = BANK, batch_size: int = 8, lr: float | None = None,
                 eval_bank: tuple[int, int] = EVAL_BANK, eval_samples: int = 96,
-                real_fraction: float = 0.5, cutoffs: Mapping[str, float] | None = None,
+                real_fraction: float = 0.5, realistic_fraction: float = 0.3,
+                cutoffs: Mapping[str, float] | None = None,
                 cutoffs_by_contrast: Mapping[str, Mapping[str, float]] | None = None,
                 test_time_spacings_mm: Sequence[float] | None = None,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -219,8 +221,9 @@ def train_spine(out: str | Path, steps: int, seed: int = 0, threads: int = 2,
     bank = trainset.make_bank(*bank_size, seed=bank_seed, progress=log)
     log(f"bank ready in {time.perf_counter() - start:.0f} s; network "
         f"{count_parameters(model) / 1e6:.2f} M parameters")
-    stream = trainset.SampleStream(bank, seed, batch_size=batch_size, real=real,
-                                   real_fraction=real_fraction)
+    stream = trainset.SampleStream(
+        bank, seed, batch_size=batch_size, real=real, real_fraction=real_fraction,
+        sampler=partial(trainset.synthetic_sample, realistic_fraction=realistic_fraction))
     rate = lr if lr is not None else (2e-3 if init is None else 3e-4)
     history = train(model, stream, steps, rate, log, checkpoint=out / "checkpoint.pt")
     held_out = trainset.make_bank(*eval_bank, seed=EVAL_SEED)
@@ -245,8 +248,9 @@ def train_spine(out: str | Path, steps: int, seed: int = 0, threads: int = 2,
                   **inference_input},
         "training": {"seed": seed, "steps": steps, "batch_size": batch_size,
                      "learning_rate": rate, "threads": threads, "data": data,
-                     "augmentation": "SynthSeg-style random contrast per tissue label (70 %) "
-                                     "or generator contrasts T1w/T2w/PD/T2-prep (30 %) at "
+                     "augmentation": "SynthSeg-style random contrast per tissue label "
+                                     f"({1 - realistic_fraction:.0%}) or generator contrasts "
+                                     f"T1w/T2w/PD/T2-prep ({realistic_fraction:.0%}) at "
                                      "random TR / TE per slice (trainset.TIMES_RANGE_S), "
                                      "partial volume over 3-6 mm slices, bias, gamma, "
                                      f"{augment.SPACING_RANGE_MM[0]}-"
