@@ -387,8 +387,9 @@ def test_manual_masks_from_derivatives_give_region_statistics(synth, processed, 
 
 
 def test_network_segmentation_against_the_truth(synth, processed) -> None:
-    """Every mapping grid and sagittal T2w is segmented with labelled levels; per-level Dice
-    against the truth, and disc means of the maps from predicted vs true masks."""
+    """Every mapping grid and sagittal T2w (with its T1w) is segmented with labelled levels;
+    per-level Dice against the truth, and disc means of the maps from predicted vs true
+    masks."""
     from spineqprep.metrics.agreement import bland_altman
     from spineqprep.metrics.evaluate import evaluate_datasets
 
@@ -398,6 +399,11 @@ def test_network_segmentation_against_the_truth(synth, processed) -> None:
     grids = {(p.parent, p.name.split("_acq-")[0], p.name.split("_acq-")[1].split("_")[0])
              for p in synth.raw_dir.rglob("*_MES[EL].nii.gz")}
     assert len(dsegs) == len(grids) + 6
+    # the sagittal T2w is segmented together with the T1w on its grid
+    for path in (p for p in dsegs if "_acq-sag_" in p.name):
+        sources = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())[
+            "Sources"]
+        assert [s.rsplit("_", 1)[-1] for s in sources] == ["T2w.nii.gz", "T1w.nii.gz"], sources
     table = evaluate_datasets(out, synth.truth_dir, labels=["L1L2", "L2L3", "L3L4", "L4L5",
                                                             "L5S1", "L1", "L2", "L3", "L4", "L5"])
     assert len(table) == len(dsegs) * 10
@@ -640,3 +646,23 @@ def test_renumbered_masks_with_index_and_name_give_the_standard_results(
     assert (meta["CropStart"], meta["CropStop"]) == (list(box.start), list(box.stop))
     assert not any("not segmented" in flag for flag in meta["Flags"])
     assert check_derivatives(out_new) == []
+
+
+def test_structurals_share_a_grid_only_when_shape_and_affine_match(tmp_path) -> None:
+    """A T1w is segmented with the T2w only on the very same grid; an unreadable image shares
+    none (its own node reports it)."""
+    from spineqprep.cli.participant import _on_one_grid
+
+    affine = np.diag([4.0, 0.8, 0.8, 1.0])
+    paths = {}
+    for name, shape, aff in (("t2", (5, 8, 8), affine), ("t1", (5, 8, 8), affine),
+                             ("moved", (5, 8, 8), affine @ np.diag([1, 1, 1.01, 1])),
+                             ("smaller", (5, 8, 7), affine)):
+        paths[name] = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(np.zeros(shape, np.float32), aff), paths[name])
+    (tmp_path / "corrupt.nii.gz").write_bytes(b"not a nifti")
+    assert _on_one_grid(paths["t2"], paths["t1"])
+    assert not _on_one_grid(paths["t2"], paths["moved"])
+    assert not _on_one_grid(paths["t2"], paths["smaller"])
+    assert not _on_one_grid(paths["t2"], tmp_path / "corrupt.nii.gz")
+

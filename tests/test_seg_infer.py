@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from spineqprep.segmentation import segment_spine
+from spineqprep.errors import InputError
+from spineqprep.segmentation import joint_contrast, segment_spine
 from spineqprep.segmentation.infer import (
     average_neighbour_slices,
     plane_layout,
@@ -191,6 +192,24 @@ def test_segment_spine_with_stand_in_bundle(tmp_path, monkeypatch):
     assert not np.allclose(expected, probs, atol=1e-3)
     assert np.array_equal(np.asarray(segment_spine(img, bundle=averaging, contrast="MESE")
                                      .dseg_img.dataobj), pred)
+    # another contrast on the same grid: the probabilities of both are averaged (each with
+    # its own slice averaging), then the joint contrast's cut-offs apply
+    blank = nib.Nifti1Image(np.where(code == 2.0, 0.0, code / 3.0).astype(np.float32),
+                            dseg.affine)
+    blank_probs = np.asarray(segment_spine(blank, bundle=(Coder(), META)).probseg_img.dataobj)
+    joint = (Coder(), {**strict[1], "slice_averaging_by_contrast": {"T2w": 0.25},
+                       "cutoffs_by_contrast": {"T1w+T2w": {"disc": 0.3}}})
+    fused = segment_spine(img, bundle=joint, contrast="T2w", same_grid=[(blank, "T1w")])
+    assert np.allclose(np.asarray(fused.probseg_img.dataobj), (expected + blank_probs) / 2,
+                       atol=1e-6)
+    assert (np.asarray(fused.dseg_img.dataobj) > 100).any()  # 0.3, not the strict cut-off
+    assert joint_contrast(["T2w", "T1w"]) == "T1w+T2w"
+    shifted = nib.Nifti1Image(blank.get_fdata(), dseg.affine @ np.diag([1, 1, 1.5, 1]))
+    nib.save(shifted, tmp_path / "sub-02_acq-other_T1w.nii.gz")
+    with pytest.raises(InputError, match="not on the grid") as err:
+        segment_spine(img, bundle=joint, contrast="T2w",
+                      same_grid=[(nib.load(tmp_path / "sub-02_acq-other_T1w.nii.gz"), "T1w")])
+    assert "sub-02_acq-other_T1w.nii.gz" in str(err.value)
     # pixels coarser than the bundle's validated grid are flagged; the segmentation is the same
     pixel = inplane_spacing(img.affine)
     assert 3.0 < pixel < 3.6 and not any("validated" in f for f in out.flags)

@@ -316,9 +316,11 @@ def test_train_command_checks_the_inference_options(tmp_path, capsys):
 
     assert _split_cutoffs(["disc=0.6", "T2w:disc=0.35", "T2w:sacrum=0.4"]) == (
         {"disc": 0.6}, {"T2w": {"disc": 0.35, "sacrum": 0.4}})
+    assert _split_cutoffs(["T2w+T1w:disc=0.45"]) == ({}, {"T1w+T2w": {"disc": 0.45}})
     out = tmp_path / "bundle"
     for args, code, message in (
             (["spine", "--cutoff", "PD:disc=0.3"], 2, "unknown contrast"),
+            (["spine", "--cutoff", "T1w+PD:disc=0.3"], 2, "unknown contrast"),
             (["spine", "--cutoff", "L4L5_superior=0.3"], 2, "not classes of this network"),
             (["endplates", "--cutoff", "T2w:L4L5_superior=0.3"], 2, "spine network only"),
             (["spine", "--test-time-spacings", "0", "1.25"], 2, "positive"),

@@ -12,6 +12,10 @@ import re
 import sys
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+
 from spineqprep.bids.derivatives import build_path, write_dataset_description
 from spineqprep.bids.layout import (
     Series,
@@ -158,11 +162,15 @@ def _plan_subject(config: RunConfig, subject: str) -> SubjectPlan:
                                       sessions=config.session_label or None,
                                       bids_filters=config.bids_filters or None)
     located: dict[str | None, tuple[str | None, str | None]] = {}  # session -> L5 locator
-    for preferred in ("T2w", "T1w"):  # one sagittal structural per session: T2w, else T1w
+    same_grid: dict[tuple[str | None, str | None], list[Path]] = {}
+    for preferred in ("T2w", "T1w"):  # one sagittal structural per grid: T2w, else T1w
         for image in structurals:
             if image.suffix == preferred:
-                segment.setdefault((image.session, image.acq), image.path)
-                located.setdefault(image.session, (image.session, image.acq))
+                key = (image.session, image.acq)
+                if key in segment and _on_one_grid(segment[key], image.path):
+                    same_grid.setdefault(key, []).append(image.path)  # segmented together
+                segment.setdefault(key, image.path)
+                located.setdefault(image.session, key)
     endplates = {}
     for s in series:
         if s.suffix == "MEGRE":  # UTE: endplates in the crop around L5 of the session's spine
@@ -173,8 +181,20 @@ def _plan_subject(config: RunConfig, subject: str) -> SubjectPlan:
     endplate_masks = {key: found for key in endplates if (found := _precomputed_mask(
         config, subject, *key, kind="endplates"))}
     return SubjectPlan(subject=subject, series=series, precomputed=precomputed,
-                       segment=segment, masks=masks, endplates=endplates,
+                       segment=segment, same_grid=same_grid, masks=masks, endplates=endplates,
                        endplate_masks=endplate_masks)
+
+
+def _on_one_grid(a: Path, b: Path) -> bool:
+    """Whether two images share a voxel grid (shape and affine, to 1 um): their network
+    probabilities can be averaged voxel for voxel. An unreadable image shares no grid (its
+    own segmentation node reports it, if it is segmented at all)."""
+    try:
+        first, second = nib.load(a), nib.load(b)
+    except (OSError, ValueError, ImageFileError):
+        return False
+    return (first.shape[:3] == second.shape[:3]
+            and bool(np.allclose(first.affine, second.affine, atol=1e-3)))
 
 
 def _precomputed_mask(config: RunConfig, subject: str, session: str | None, acq: str | None,

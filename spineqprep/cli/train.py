@@ -9,6 +9,7 @@ from pathlib import Path
 from spineqprep import __version__
 from spineqprep.cli.parser import parse_cutoffs
 from spineqprep.errors import SpineqprepError, UsageError
+from spineqprep.segmentation import joint_contrast
 
 NETWORKS = ("spine", "endplates")
 #: BIDS suffixes of the images spineqprep segments: per-contrast cut-offs key on them.
@@ -63,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         "weights only)")
     g.add_argument("--cutoff", action="append", metavar="[CONTRAST:]STRUCTURE=P",
                    help="probability cut-off of one class (repeatable), e.g. disc=0.68, or for "
-                   f"one contrast ({', '.join(CONTRASTS)}; spine) T2w:disc=0.35; endplates "
+                   f"one contrast ({', '.join(CONTRASTS)}, or T1w+T2w segmented together; spine) "
+                   "T2w:disc=0.35; endplates "
                    "default to the published 0.24 / 0.32 / 0.24 / 0.30")
     g.add_argument("--test-time-spacings", nargs="+", type=float, metavar="MM",
                    help="pixel sizes (mm) the network runs at, its probabilities averaged (e.g. "
@@ -126,9 +128,12 @@ def _split_cutoffs(items: list[str]) -> tuple[dict[str, float], dict[str, dict[s
     by_contrast: dict[str, dict[str, float]] = {}
     for item in items:
         contrast, _, cutoff = item.rpartition(":")
-        if contrast and contrast not in CONTRASTS:
+        if contrast and not set(contrast.split("+")) <= set(CONTRASTS):
             raise UsageError(f"--cutoff {item}: unknown contrast {contrast!r}",
-                             fix=f"use one of {', '.join(CONTRASTS)}")
+                             fix=f"use one of {', '.join(CONTRASTS)}, or several segmented "
+                             "together joined by + (T1w+T2w)")
+        if contrast:
+            contrast = joint_contrast(contrast.split("+"))
         (by_contrast.setdefault(contrast, {}) if contrast else cutoffs).update(
             parse_cutoffs([cutoff]))
     return cutoffs, by_contrast

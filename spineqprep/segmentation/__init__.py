@@ -9,13 +9,15 @@ so importing this package stays cheap.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
+import numpy as np
 
+from spineqprep.errors import InputError
 from spineqprep.segmentation.infer import (
     average_neighbour_slices,
     predict_probabilities,
@@ -49,7 +51,8 @@ def segment_spine(img: nib.Nifti1Image, *,
                   bundle: str | Path | tuple[Any, Mapping[str, Any]] | None = None,
                   n_threads: int = 1, cutoffs: Mapping[str, float] | None = None,
                   min_volume_mm3: Mapping[str, float] | None = None,
-                  batch_size: int = 16, contrast: str | None = None) -> SpineSegmentation:
+                  batch_size: int = 16, contrast: str | None = None,
+                  same_grid: Sequence[tuple[nib.Nifti1Image, str]] = ()) -> SpineSegmentation:
     """Segment and level-label the spine on ``img`` (3-D, a single slice, or the first volume
     of a 4-D series). ``bundle``: ``None`` for the packaged model, a bundle folder / ``.pt``
     file, or an already loaded ``(model, meta)`` pair; ``cutoffs`` / ``min_volume_mm3``: per
@@ -59,7 +62,14 @@ def segment_spine(img: nib.Nifti1Image, *,
     ``slice_averaging_by_contrast`` for that contrast, if any, averages the probabilities of
     neighbouring slices before the cut-offs (and in ``probseg_img``). An image whose
     in-plane pixels are coarser than the bundle's ``validated_max_pixel_mm`` (the coarsest grid
-    on which its model card shows the accuracy bar met) is flagged, not refused."""
+    on which its model card shows the accuracy bar met) is flagged, not refused.
+
+    ``same_grid``: other contrasts acquired on the grid of ``img`` (``(image, contrast)``, e.g.
+    the T1w of a T2w). Each is run through the network (with its own neighbour-slice
+    averaging) and the class probabilities of all are averaged before the cut-offs, which are
+    then the bundle's for the joint contrast (:func:`joint_contrast`, e.g. ``T1w+T2w``): a
+    boundary that one contrast shows poorly (the annulus against marrow on a long-TE T2w) the
+    other usually shows (model card). Raises ``InputError`` if a grid differs."""
     if bundle is None or isinstance(bundle, str | Path):
         from spineqprep.segmentation.model_io import load_bundle
 
@@ -67,10 +77,17 @@ def segment_spine(img: nib.Nifti1Image, *,
     else:
         model, meta = bundle
     classes = tuple(meta["classes"])
-    probs = predict_probabilities(img, model, meta, n_threads=n_threads, batch_size=batch_size)
-    weight = meta.get("slice_averaging_by_contrast", {}).get(contrast)
-    if weight:
-        probs = average_neighbour_slices(probs, sagittal_axis(img.affine), float(weight))
+    inputs = [(img, contrast), *same_grid]
+    for other, name in same_grid:
+        if other.shape[:3] != img.shape[:3] or not np.allclose(other.affine, img.affine,
+                                                               atol=1e-3):
+            raise InputError(f"the {name} image is not on the grid of the {contrast} image "
+                             f"({other.shape[:3]} vs {img.shape[:3]} voxels or another affine)",
+                             path=other.get_filename(),
+                             fix="segment images on different grids separately")
+    probs = sum(_probabilities(image, name, model, meta, n_threads, batch_size)
+                for image, name in inputs) / len(inputs)
+    contrast = joint_contrast([name for _, name in inputs]) if same_grid else contrast
     # the bundle's own cut-offs (chosen on its calibration subjects, model card), those for
     # this contrast, then the user's
     cutoffs = {**meta.get("cutoffs", {}), **meta.get("cutoffs_by_contrast", {}).get(contrast, {}),
@@ -89,5 +106,22 @@ def segment_spine(img: nib.Nifti1Image, *,
         levels=labels.levels, flags=flags, confident=labels.confident, classes=classes)
 
 
-__all__ = ["SpineLabels", "SpineSegmentation", "label_spine", "label_table",
+def joint_contrast(contrasts: Sequence[str | None]) -> str:
+    """The name under which a bundle keeps the cut-offs of contrasts segmented together:
+    sorted and joined by ``+`` (``["T2w", "T1w"]`` -> ``"T1w+T2w"``)."""
+    return "+".join(sorted(str(c) for c in contrasts))
+
+
+def _probabilities(img: nib.Nifti1Image, contrast: str | None, model: Any,
+                   meta: Mapping[str, Any], n_threads: int, batch_size: int) -> np.ndarray:
+    """The network's class probabilities on ``img``, averaged across neighbouring slices when
+    the bundle says so for ``contrast``."""
+    probs = predict_probabilities(img, model, meta, n_threads=n_threads, batch_size=batch_size)
+    weight = meta.get("slice_averaging_by_contrast", {}).get(contrast)
+    if weight:
+        probs = average_neighbour_slices(probs, sagittal_axis(img.affine), float(weight))
+    return probs
+
+
+__all__ = ["SpineLabels", "SpineSegmentation", "joint_contrast", "label_spine", "label_table",
            "predict_probabilities", "segment_spine"]
