@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
 from spineqprep.bids.derivatives import build_path, write_dataset_description
@@ -186,15 +185,14 @@ def _plan_subject(config: RunConfig, subject: str) -> SubjectPlan:
 
 
 def _on_one_grid(a: Path, b: Path) -> bool:
-    """Whether two images share a voxel grid (shape and affine, to 1 um): their network
-    probabilities can be averaged voxel for voxel. An unreadable image shares no grid (its
-    own segmentation node reports it, if it is segmented at all)."""
+    """Whether two image files share a voxel grid (``infer.on_one_grid``). An unreadable image
+    shares no grid (its own segmentation node reports it, if it is segmented at all)."""
+    from spineqprep.segmentation.infer import on_one_grid
+
     try:
-        first, second = nib.load(a), nib.load(b)
+        return on_one_grid(nib.load(a), nib.load(b))
     except (OSError, ValueError, ImageFileError):
         return False
-    return (first.shape[:3] == second.shape[:3]
-            and bool(np.allclose(first.affine, second.affine, atol=1e-3)))
 
 
 def _precomputed_mask(config: RunConfig, subject: str, session: str | None, acq: str | None,

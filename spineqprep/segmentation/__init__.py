@@ -20,6 +20,7 @@ import numpy as np
 from spineqprep.errors import InputError
 from spineqprep.segmentation.infer import (
     average_neighbour_slices,
+    on_one_grid,
     predict_probabilities,
     sagittal_axis,
     spatial_image,
@@ -79,8 +80,7 @@ def segment_spine(img: nib.Nifti1Image, *,
     classes = tuple(meta["classes"])
     inputs = [(img, contrast), *same_grid]
     for other, name in same_grid:
-        if other.shape[:3] != img.shape[:3] or not np.allclose(other.affine, img.affine,
-                                                               atol=1e-3):
+        if not on_one_grid(other, img):
             raise InputError(f"the {name} image is not on the grid of the {contrast} image "
                              f"({other.shape[:3]} vs {img.shape[:3]} voxels or another affine)",
                              path=other.get_filename(),

@@ -190,6 +190,12 @@ def average_neighbour_slices(probs: np.ndarray, axis: int, weight: float) -> np.
     return ndimage.convolve1d(probs, kernel, axis=axis, mode="nearest").astype(probs.dtype)
 
 
+def on_one_grid(a: nib.spatialimages.SpatialImage, b: nib.spatialimages.SpatialImage) -> bool:
+    """Whether two images share a voxel grid (spatial shape, and affine to 1 um): their
+    probabilities can be averaged voxel for voxel."""
+    return a.shape[:3] == b.shape[:3] and bool(np.allclose(a.affine, b.affine, atol=1e-3))
+
+
 def spatial_image(data: np.ndarray, img: nib.Nifti1Image) -> nib.Nifti1Image:
     """``data`` on the grid of ``img`` (its affine and spatial units, no intensity scaling)."""
     out = nib.Nifti1Image(data, img.affine)
