@@ -301,7 +301,7 @@ def test_inference_settings_given_when_training_win():
         test_time_spacings_mm=[1.25])
     assert top["cutoffs"] == {"disc": 0.68, "sacrum": 0.6}
     assert top["cutoffs_by_contrast"] == {"T1w": {"disc": 0.5}, "T2w": {"disc": 0.4},
-                                          "MESE": {"disc": 0.7}}
+                                          "T1w+T2w": {"disc": 0.45}, "MESE": {"disc": 0.7}}
     assert inputs == {"test_time_spacings_mm": [1.25]}
     assert "cutoffs.sacrum" in top["inference_note"]
     assert base["cutoffs_by_contrast"]["T2w"] == {"disc": 0.35}  # the base is not changed
