@@ -73,14 +73,16 @@ def synthetic(bundle, subjects: int, size: str, seed: int = 999,
                          *res.raw_dir.rglob("*_echo-1_MESE.nii.gz"),
                          *res.raw_dir.rglob("*_tsl-1_MESL.nii.gz")])
         # the pipeline segments a T2w together with the T1w on its grid: scored as "T1w+T2w"
-        jobs = [(path, path.name.split("_")[-1][:-7], ()) for path in images]
-        jobs += [(path, "T1w+T2w", (t1w,)) for path in images if path.name.endswith("_T2w.nii.gz")
+        jobs = [(path, ()) for path in images]
+        jobs += [(path, (t1w,)) for path in images if path.name.endswith("_T2w.nii.gz")
                  and (t1w := path.with_name(path.name.replace("_T2w", "_T1w"))).exists()]
-        for path, contrast, same_grid in jobs:
+        for path, same_grid in jobs:
             img = nib.load(path)
+            suffix = path.name.split("_")[-1][:-7]
+            contrast = "T1w+T2w" if same_grid else suffix
             start = time.perf_counter()
             seg = segment_spine(img, bundle=bundle, n_threads=2, cutoffs=cutoffs,
-                                contrast=path.name.split("_")[-1][:-7],
+                                contrast=suffix,
                                 same_grid=[(nib.load(f), "T1w") for f in same_grid])
             seconds = time.perf_counter() - start
             stem = path.name.split("_acq-")[0] + "_acq-" + path.name.split("_acq-")[1].split("_")[0]

@@ -128,12 +128,12 @@ def _split_cutoffs(items: list[str]) -> tuple[dict[str, float], dict[str, dict[s
     by_contrast: dict[str, dict[str, float]] = {}
     for item in items:
         contrast, _, cutoff = item.rpartition(":")
-        if contrast and not set(contrast.split("+")) <= set(CONTRASTS):
+        parts = contrast.split("+") if contrast else []
+        if not set(parts) <= set(CONTRASTS):
             raise UsageError(f"--cutoff {item}: unknown contrast {contrast!r}",
                              fix=f"use one of {', '.join(CONTRASTS)}, or several segmented "
                              "together joined by + (T1w+T2w)")
-        if contrast:
-            contrast = joint_contrast(contrast.split("+"))
+        contrast = joint_contrast(parts) if parts else ""
         (by_contrast.setdefault(contrast, {}) if contrast else cutoffs).update(
             parse_cutoffs([cutoff]))
     return cutoffs, by_contrast
