@@ -3,7 +3,7 @@ real labelled data when ../shared/data/lumbar-fastcleverseg is present.
 
     python benchmarks/bench_segmentation.py [--bundle DIR] [--subjects 4] [--size small]
         [--seed 999] [--disc-cutoff P] [--no-real] [--shifted-protocols] [--pixel-scale F]
-        [--table TSV]
+        [--t1w-pixel-scale F] [--table TSV]
 
 Synthetic: ``generate_dataset(seed=999)`` (anatomy seeds never used in training), every T1w,
 T2w and first mapping image segmented by ``segment_spine`` (network, components, levels), and
@@ -13,7 +13,10 @@ predicted vs the true discs (Bland-Altman; ``--seed 123 --disc-cutoff P`` is how
 disc cut-off was chosen, on subjects other than the held-out ones; ``--shifted-protocols``:
 every site's TR / TE, spin-lock times and SNR moved away from what training saw;
 ``--pixel-scale F``: every grid's in-plane pixels F times coarser, fields of view and slices
-unchanged, which is how the bundle's ``validated_max_pixel_mm`` is measured between the sizes).
+unchanged, which is how the bundle's ``validated_max_pixel_mm`` is measured between the sizes;
+``--t1w-pixel-scale F``: each T2w also segmented with its T1w re-gridded to in-plane pixels F
+times coarser on the same slices, rows ``T1w~+T2w``, the pipeline's path for a T1w prescribed
+on the T2w's slices with its own matrix).
 Real (inference only): lumbar-fastcleverseg volumes, class Dice within the span of the
 labelled levels (each set labels only some), and Dice per level where a set names its levels
 (IVD discs, VB3 bodies). Timings are wall clock of ``segment_spine`` with 2
@@ -32,6 +35,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
+from scipy import ndimage
 
 from spineqprep.metrics import bland_altman, dice
 from spineqprep.segmentation import external, segment_spine
@@ -64,7 +68,8 @@ def shifted_protocols() -> tuple[protocols.SiteProtocol, ...]:
 
 
 def synthetic(bundle, subjects: int, size: str, seed: int = 999,
-              cutoffs: dict[str, float] | None = None) -> pd.DataFrame:
+              cutoffs: dict[str, float] | None = None,
+              t1w_pixel_scale: float | None = None) -> pd.DataFrame:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         res = generate_dataset(Path(tmp) / "bids", n_subjects=subjects,
@@ -72,18 +77,22 @@ def synthetic(bundle, subjects: int, size: str, seed: int = 999,
         images = sorted([*res.raw_dir.rglob("*_T1w.nii.gz"), *res.raw_dir.rglob("*_T2w.nii.gz"),
                          *res.raw_dir.rglob("*_echo-1_MESE.nii.gz"),
                          *res.raw_dir.rglob("*_tsl-1_MESL.nii.gz")])
-        # the pipeline segments a T2w together with the T1w on its grid: scored as "T1w+T2w"
-        jobs = [(path, ()) for path in images]
-        jobs += [(path, (t1w,)) for path in images if path.name.endswith("_T2w.nii.gz")
-                 and (t1w := path.with_name(path.name.replace("_T2w", "_T1w"))).exists()]
-        for path, same_grid in jobs:
+        # the pipeline segments a T2w together with the T1w on its slices: scored as
+        # "T1w+T2w", and with that T1w re-gridded in-plane (--t1w-pixel-scale) as "T1w~+T2w"
+        jobs = [(path, [], path.name.split("_")[-1][:-7]) for path in images]
+        for path in images:
+            t1w = path.with_name(path.name.replace("_T2w", "_T1w"))
+            if path.name.endswith("_T2w.nii.gz") and t1w.exists():
+                jobs.append((path, [(nib.load(t1w), "T1w")], "T1w+T2w"))
+                if t1w_pixel_scale:
+                    jobs.append((path, [(regrid_inplane(nib.load(t1w), t1w_pixel_scale), "T1w")],
+                                 "T1w~+T2w"))
+        for path, same_slices, contrast in jobs:
             img = nib.load(path)
             suffix = path.name.split("_")[-1][:-7]
-            contrast = "T1w+T2w" if same_grid else suffix
             start = time.perf_counter()
             seg = segment_spine(img, bundle=bundle, n_threads=2, cutoffs=cutoffs,
-                                contrast=suffix,
-                                same_grid=[(nib.load(f), "T1w") for f in same_grid])
+                                contrast=suffix, same_slices=same_slices)
             seconds = time.perf_counter() - start
             stem = path.name.split("_acq-")[0] + "_acq-" + path.name.split("_acq-")[1].split("_")[0]
             truth = np.asarray(nib.load(res.truth_dir / path.parent.relative_to(res.raw_dir) /
@@ -103,6 +112,27 @@ def synthetic(bundle, subjects: int, size: str, seed: int = 999,
                                  "slices": img.shape[0],
                                  **_disc_means(true_map, pred == index, truth == index)})
     return pd.DataFrame(rows)
+
+
+def regrid_inplane(img: nib.Nifti1Image, factor: float) -> nib.Nifti1Image:
+    """``img`` as if acquired on the same slices and field of view with in-plane pixels
+    ``factor`` times larger (blurred by a Gaussian of FWHM ``factor`` pixels where coarser,
+    sampled linearly at the new pixel centres): a T1w on its own in-plane grid."""
+    data = np.asarray(img.dataobj, np.float32)
+    sag = [c in "LR" for c in nib.aff2axcodes(img.affine)].index(True)
+    inplane = [a for a in range(3) if a != sag]
+    shape = list(data.shape)
+    for a in inplane:
+        shape[a] = round(data.shape[a] / factor)
+    steps = np.array([data.shape[a] / shape[a] if a in inplane else 1.0 for a in range(3)])
+    if factor > 1:
+        sigma = [0.0 if a == sag else np.sqrt(factor ** 2 - 1) / 2.355 for a in range(3)]
+        data = ndimage.gaussian_filter(data, sigma)
+    grid = (np.indices(shape).reshape(3, -1) + 0.5) * steps[:, None] - 0.5
+    out = ndimage.map_coordinates(data, grid, order=1, mode="nearest").reshape(shape)
+    affine = img.affine @ np.vstack([np.hstack([np.diag(steps), (steps[:, None] - 1) / 2]),
+                                     [0, 0, 0, 1]])
+    return nib.Nifti1Image(out, affine)
 
 
 def cut_by_view(mask: np.ndarray, axis: int) -> bool:
@@ -193,6 +223,9 @@ def main() -> None:
                         help="TR / TE / spin-lock times and SNR unlike training's and the sites'")
     parser.add_argument("--pixel-scale", type=float, default=1.0, metavar="F",
                         help="in-plane pixels F times coarser than the size's (default 1)")
+    parser.add_argument("--t1w-pixel-scale", type=float, metavar="F",
+                        help="also score each T2w with its T1w re-gridded to in-plane pixels F "
+                        "times coarser (rows T1w~+T2w: a T1w on the slices, not the grid)")
     parser.add_argument("--table", metavar="TSV", help="also write the per-image, per-level rows")
     args = parser.parse_args()
     if args.shifted_protocols:
@@ -201,7 +234,8 @@ def main() -> None:
         protocols.PROTOCOLS = coarser_pixels(protocols.PROTOCOLS, args.pixel_scale)
     bundle = load_bundle(args.bundle)
     cutoffs = None if args.disc_cutoff is None else {"disc": args.disc_cutoff}
-    table = synthetic(bundle, args.subjects, args.size, args.seed, cutoffs)
+    table = synthetic(bundle, args.subjects, args.size, args.seed, cutoffs,
+                      args.t1w_pixel_scale)
     if args.table:
         table.to_csv(args.table, sep="\t", index=False)
     cut = table[table["cut"]]

@@ -648,21 +648,74 @@ def test_renumbered_masks_with_index_and_name_give_the_standard_results(
     assert check_derivatives(out_new) == []
 
 
-def test_structurals_share_a_grid_only_when_shape_and_affine_match(tmp_path) -> None:
-    """A T1w is segmented with the T2w only on the very same grid; an unreadable image shares
-    none (its own node reports it)."""
-    from spineqprep.cli.participant import _on_one_grid
+def test_a_t1w_joins_the_t2w_only_on_its_slices(tmp_path) -> None:
+    """A T1w is segmented with the T2w when it lies on the T2w's sagittal slices, whatever its
+    in-plane pixels and field of view; not when a slice is moved or tilted; an unreadable
+    image shares none (its own node reports it)."""
+    from spineqprep.cli.participant import _shares_slices
 
     affine = np.diag([4.0, 0.8, 0.8, 1.0])
+    angle = np.deg2rad(2.0)  # the slice planes turned about AP by 2 degrees
+    tilt = np.eye(4)
+    tilt[np.ix_([0, 2], [0, 2])] = [[np.cos(angle), np.sin(angle)],
+                                    [-np.sin(angle), np.cos(angle)]]
     paths = {}
-    for name, shape, aff in (("t2", (5, 8, 8), affine), ("t1", (5, 8, 8), affine),
-                             ("moved", (5, 8, 8), affine @ np.diag([1, 1, 1.01, 1])),
-                             ("smaller", (5, 8, 7), affine)):
+    finer = affine @ np.diag([1, 0.8, 0.8, 1])
+    finer[:3, 3] = [0.0, -5.0, 3.0]
+    for name, shape, aff in (("t2", (5, 40, 40), affine), ("t1", (5, 40, 40), affine),
+                             ("finer", (5, 52, 48), finer),
+                             ("fewer", (3, 40, 40), affine @ _shifted(1)),
+                             ("moved", (5, 40, 40), affine @ _shifted(0.5)),
+                             ("tilted", (5, 40, 40), tilt @ affine)):
         paths[name] = tmp_path / f"{name}.nii.gz"
         nib.save(nib.Nifti1Image(np.zeros(shape, np.float32), aff), paths[name])
     (tmp_path / "corrupt.nii.gz").write_bytes(b"not a nifti")
-    assert _on_one_grid(paths["t2"], paths["t1"])
-    assert not _on_one_grid(paths["t2"], paths["moved"])
-    assert not _on_one_grid(paths["t2"], paths["smaller"])
-    assert not _on_one_grid(paths["t2"], tmp_path / "corrupt.nii.gz")
+    assert _shares_slices(paths["t2"], paths["t1"])
+    assert _shares_slices(paths["t2"], paths["finer"])
+    assert not _shares_slices(paths["t2"], paths["fewer"])  # two T2w slices it lacks
+    assert not _shares_slices(paths["t2"], paths["moved"])  # half a slice over
+    assert not _shares_slices(paths["t2"], paths["tilted"])
+    assert not _shares_slices(paths["t2"], tmp_path / "corrupt.nii.gz")
 
+
+def _shifted(slices: float) -> np.ndarray:
+    """A voxel-to-voxel shift of ``slices`` along the first (sagittal) axis."""
+    out = np.eye(4)
+    out[0, 3] = slices
+    return out
+
+
+
+def test_plan_pairs_a_t1w_on_the_t2w_slices(synth, tmp_path) -> None:
+    """The plan segments a T2w with every T1w of its session on its slices, whatever their
+    ``acq`` or matrix (each T1w of another ``acq`` still gets its own segmentation); a T1w off
+    the slices joins nothing."""
+    from spineqprep.cli.participant import _plan_subject
+    from spineqprep.config import RunConfig
+    from spineqprep.segmentation.infer import sagittal_axis
+
+    raw = tmp_path / "raw"
+    shutil.copytree(synth.raw_dir, raw)
+    t1w = sorted(raw.glob("sub-01/ses-*/anat/*_acq-sag_T1w.nii.gz"))[0]
+    session = t1w.name.split("_ses-")[1].split("_")[0]
+    img = nib.load(t1w)
+    axis = sagittal_axis(img.affine)
+    finer = img.affine @ np.diag([*np.where(np.arange(3) == axis, 1.0, 0.8), 1.0])
+    matrix = np.where(np.arange(3) == axis, img.shape, 120)  # another matrix and field of view
+    moved = img.affine.copy()
+    moved[:3, 3] += img.affine[:3, axis] * 0.5  # half a slice over
+    for acq, shape, affine in (("hires", tuple(matrix), finer), ("moved", img.shape, moved)):
+        path = t1w.with_name(t1w.name.replace("acq-sag", f"acq-{acq}"))
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine) if acq == "moved" else
+                 nib.Nifti1Image(np.zeros(shape, np.float32), affine), path)
+        shutil.copy(t1w.with_suffix("").with_suffix(".json"),
+                    path.with_suffix("").with_suffix(".json"))
+    config = RunConfig(bids_dir=raw, output_dir=tmp_path / "out",
+                       analysis_level="participant", work_dir=tmp_path / "work")
+    plan = _plan_subject(config, "01")
+    paired = plan.same_slices[(session, "sag")]
+    assert sorted(p.name for p in paired) == sorted(
+        [t1w.name, t1w.name.replace("acq-sag", "acq-hires")])
+    assert plan.segment[(session, "sag")].name.endswith("_T2w.nii.gz")
+    assert {(session, "hires"), (session, "moved")} <= set(plan.segment)
+    assert not any("acq-moved" in p.name for ps in plan.same_slices.values() for p in ps)

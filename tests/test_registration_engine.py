@@ -200,6 +200,22 @@ def test_elastix_crash_workarounds(elastix3d):
     assert np.isfinite(det).all()
 
 
+def test_preload_sets_the_global_itk_threads():
+    """The node's ``num_threads`` reaches ITK through preload (the global count, the knob that
+    does not crash), and later registrations keep it."""
+    from spineqprep.registration import elastix
+
+    itk = elastix.itk_module()
+    try:
+        elastix.preload(1)
+        assert itk.MultiThreaderBase.GetGlobalDefaultNumberOfThreads() == 1
+        elastix.preload()
+        assert itk.MultiThreaderBase.GetGlobalDefaultNumberOfThreads() == 1
+    finally:
+        elastix.preload(2)
+    assert itk.MultiThreaderBase.GetGlobalDefaultNumberOfThreads() == 2
+
+
 def test_user_parameter_maps(tmp_path, elastix2d):
     """User parameter files replace the packaged ones (here: affine only, 2D)."""
     affine_only = tmp_path / "affine.txt"

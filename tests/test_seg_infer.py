@@ -14,7 +14,9 @@ from spineqprep.segmentation.infer import (
     average_neighbour_slices,
     plane_layout,
     predict_probabilities,
+    probabilities_on,
     sagittal_axis,
+    shares_slices,
 )
 from spineqprep.segmentation.postprocess import inplane_spacing
 from spineqprep.synth.anatomy import rotation_matrix
@@ -199,16 +201,28 @@ def test_segment_spine_with_stand_in_bundle(tmp_path, monkeypatch):
     blank_probs = np.asarray(segment_spine(blank, bundle=(Coder(), META)).probseg_img.dataobj)
     joint = (Coder(), {**strict[1], "slice_averaging_by_contrast": {"T2w": 0.25},
                        "cutoffs_by_contrast": {"T1w+T2w": {"disc": 0.3}}})
-    fused = segment_spine(img, bundle=joint, contrast="T2w", same_grid=[(blank, "T1w")])
+    fused = segment_spine(img, bundle=joint, contrast="T2w", same_slices=[(blank, "T1w")])
     assert np.allclose(np.asarray(fused.probseg_img.dataobj), (expected + blank_probs) / 2,
                        atol=1e-6)
     assert (np.asarray(fused.dseg_img.dataobj) > 100).any()  # 0.3, not the strict cut-off
     assert joint_contrast(["T2w", "T1w"]) == "T1w+T2w"
+    # the same T1w on 2x finer in-plane pixels (PSR: axes 0 and 1 in-plane), cut at the top:
+    # its probabilities are carried onto the T2w's slices, and where it does not reach, the
+    # T2w's own probabilities stand alone
+    fine = np.repeat(np.repeat(blank.get_fdata(), 2, axis=0), 2, axis=1)[:, :-8]
+    to_coarse = np.array([[0.5, 0, 0, -0.25], [0, 0.5, 0, -0.25], [0, 0, 1, 0], [0, 0, 0, 1]])
+    finer = nib.Nifti1Image(fine.astype(np.float32), dseg.affine @ to_coarse)
+    fused_fine = segment_spine(img, bundle=joint, contrast="T2w", same_slices=[(finer, "T1w")])
+    probs_fine = np.asarray(fused_fine.probseg_img.dataobj)
+    reached = np.arange(d.shape[1]) < d.shape[1] - 4  # fine centre 2c + 0.5 inside
+    assert np.allclose(probs_fine[:, ~reached], expected[:, ~reached], atol=1e-6)
+    agree = np.asarray(fused_fine.dseg_img.dataobj) == np.asarray(fused.dseg_img.dataobj)
+    assert agree[:, reached].mean() > 0.98, agree[:, reached].mean()
     shifted = nib.Nifti1Image(blank.get_fdata(), dseg.affine @ np.diag([1, 1, 1.5, 1]))
     nib.save(shifted, tmp_path / "sub-02_acq-other_T1w.nii.gz")
-    with pytest.raises(InputError, match="not on the grid") as err:
+    with pytest.raises(InputError, match="not lie on the sagittal slices") as err:
         segment_spine(img, bundle=joint, contrast="T2w",
-                      same_grid=[(nib.load(tmp_path / "sub-02_acq-other_T1w.nii.gz"), "T1w")])
+                      same_slices=[(nib.load(tmp_path / "sub-02_acq-other_T1w.nii.gz"), "T1w")])
     assert "sub-02_acq-other_T1w.nii.gz" in str(err.value)
     # pixels coarser than the bundle's validated grid are flagged; the segmentation is the same
     pixel = inplane_spacing(img.affine)
@@ -218,6 +232,37 @@ def test_segment_spine_with_stand_in_bundle(tmp_path, monkeypatch):
         assert any(f"coarser than the {limit} mm" in f for f in seg.flags) is flagged
         assert np.array_equal(np.asarray(seg.dseg_img.dataobj), pred)
         assert seg.confident == out.confident
+
+
+def test_probabilities_carried_onto_another_grid_of_the_same_slices():
+    """A map linear in world coordinates on an oblique grid lands exactly on a grid of other
+    in-plane pixels and field of view but the same slices (linear interpolation is exact for
+    it); NaN beyond the source's field of view; the slice itself is taken whole."""
+    source_affine = np.eye(4)
+    source_affine[:3, :3] = rotation_matrix(4.0, 0.0, -3.0) @ np.diag([4.0, 1.0, 1.2])
+    source = nib.Nifti1Image(np.zeros((6, 40, 30), np.float32), source_affine)
+    to_target = np.array([[1, 0, 0, 0], [0, 0.7, 0, 6.3], [0, 0, 0.8, -4.1], [0, 0, 0, 1]])
+    target = nib.Nifti1Image(np.zeros((6, 60, 50), np.float32), source_affine @ to_target)
+    moved = to_target.copy()
+    moved[0, 3] = 0.3  # 1.2 mm off the slices
+    assert shares_slices(target, source)
+    assert not shares_slices(nib.Nifti1Image(np.zeros((6, 60, 50)), source_affine @ moved), source)
+    world = nib.affines.apply_affine(source_affine, np.indices((6, 40, 30)).reshape(3, -1).T)
+    ramp = (world @ [0.3, -0.2, 0.5] + 7.0).reshape(6, 40, 30)
+    probs = np.stack([ramp, 2 * ramp], -1).astype(np.float32)
+    out = probabilities_on(probs, source, target)
+    assert out.shape == (6, 60, 50, 2)
+    coords = nib.affines.apply_affine(to_target, np.indices((6, 60, 50)).reshape(3, -1).T)
+    coords = coords.reshape(6, 60, 50, 3)
+    inside = np.all((coords[..., 1:] >= 0) & (coords[..., 1:] <= [39, 29]), -1)
+    outside = np.any((coords[..., 1:] < -0.5) | (coords[..., 1:] > [39.5, 29.5]), -1)
+    assert inside.sum() > 1000 and outside.sum() > 1000
+    expected = (nib.affines.apply_affine(source_affine @ to_target, np.indices(
+        (6, 60, 50)).reshape(3, -1).T) @ [0.3, -0.2, 0.5] + 7.0).reshape(6, 60, 50)
+    assert np.allclose(out[inside][:, 0], expected[inside], atol=1e-3)
+    assert np.allclose(out[inside][:, 1], 2 * expected[inside], atol=2e-3)
+    assert np.isnan(out[outside]).all() and np.isfinite(out[~outside]).all()
+    assert probabilities_on(probs, source, source) is probs
 
 
 def test_neighbour_slice_averaging():

@@ -161,15 +161,22 @@ def _plan_subject(config: RunConfig, subject: str) -> SubjectPlan:
                                       sessions=config.session_label or None,
                                       bids_filters=config.bids_filters or None)
     located: dict[str | None, tuple[str | None, str | None]] = {}  # session -> L5 locator
-    same_grid: dict[tuple[str | None, str | None], list[Path]] = {}
+    same_slices: dict[tuple[str | None, str | None], list[Path]] = {}
+    t2w: list[tuple[str | None, str | None]] = []
     for preferred in ("T2w", "T1w"):  # one sagittal structural per grid: T2w, else T1w
         for image in structurals:
-            if image.suffix == preferred:
-                key = (image.session, image.acq)
-                if key in segment and _on_one_grid(segment[key], image.path):
-                    same_grid.setdefault(key, []).append(image.path)  # segmented together
-                segment.setdefault(key, image.path)
-                located.setdefault(image.session, key)
+            if image.suffix != preferred:
+                continue
+            key = (image.session, image.acq)
+            if preferred == "T1w":  # a T1w on the slices of a T2w is segmented with it
+                partner = next((k for k in t2w if k[0] == image.session
+                                and _shares_slices(segment[k], image.path)), None)
+                if partner is not None:
+                    same_slices.setdefault(partner, []).append(image.path)
+            elif key not in segment:
+                t2w.append(key)
+            segment.setdefault(key, image.path)
+            located.setdefault(image.session, key)
     endplates = {}
     for s in series:
         if s.suffix == "MEGRE":  # UTE: endplates in the crop around L5 of the session's spine
@@ -180,17 +187,18 @@ def _plan_subject(config: RunConfig, subject: str) -> SubjectPlan:
     endplate_masks = {key: found for key in endplates if (found := _precomputed_mask(
         config, subject, *key, kind="endplates"))}
     return SubjectPlan(subject=subject, series=series, precomputed=precomputed,
-                       segment=segment, same_grid=same_grid, masks=masks, endplates=endplates,
+                       segment=segment, same_slices=same_slices, masks=masks, endplates=endplates,
                        endplate_masks=endplate_masks)
 
 
-def _on_one_grid(a: Path, b: Path) -> bool:
-    """Whether two image files share a voxel grid (``infer.on_one_grid``). An unreadable image
-    shares no grid (its own segmentation node reports it, if it is segmented at all)."""
-    from spineqprep.segmentation.infer import on_one_grid
+def _shares_slices(a: Path, b: Path) -> bool:
+    """Whether image file ``b`` lies on the sagittal slices of ``a`` (``infer.shares_slices``).
+    An unreadable image shares none (its own segmentation node reports it, if it is segmented
+    at all)."""
+    from spineqprep.segmentation.infer import shares_slices
 
     try:
-        return on_one_grid(nib.load(a), nib.load(b))
+        return shares_slices(nib.load(a), nib.load(b))
     except (OSError, ValueError, ImageFileError):
         return False
 

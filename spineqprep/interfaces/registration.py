@@ -77,7 +77,7 @@ class RegisterDiscs(SimpleInterface):
         # so the grid's QC table still says what happened and the subject's other
         # derivatives are published; files the child staged before dying are not listed
         if self.inputs.backend == "elastix":
-            preload()
+            preload(self.inputs.num_threads)  # the forked child inherits ITK and its threads
         outcome = run_forked(lambda: self._register_and_stage(Path(runtime.cwd) / "discs"),
                              timeout_s=GRID_TIMEOUT_S)
         if isinstance(outcome, Crash):
@@ -94,8 +94,8 @@ class RegisterDiscs(SimpleInterface):
 
     def _register_and_stage(self, work_dir: Path) -> list[str]:
         """Register, warp, fit and stage the grid (run in the child); the staged files."""
-        # ANTsPy (backend or fallback) reads its thread count when it loads; elastix's ITK gets
-        # the global thread count from elastix.itk_module (the crash-free knob)
+        # ANTsPy (backend or fallback) reads its thread count when it loads; elastix's ITK got
+        # its global thread count from preload (the crash-free knob)
         os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(self.inputs.num_threads)
         series = []
         meta = {}

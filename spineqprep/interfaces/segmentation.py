@@ -21,8 +21,8 @@ from spineqprep.relaxometry.regions import region_statistics
 
 class _SegmentSpineInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="sagittal image to segment")
-    same_grid = traits.List(File(exists=True), desc="other contrasts on the grid of in_file, "
-                            "segmented with it (probabilities averaged)")
+    same_slices = traits.List(File(exists=True), desc="other contrasts on the sagittal slices "
+                              "of in_file, segmented with it (probabilities averaged)")
     weights = traits.Str(desc="a model bundle (folder or .pt) instead of the packaged one")
     cutoffs = traits.Dict(desc="binarisation cut-off per class (others are ignored)")
     num_threads = traits.Int(1, usedefault=True, desc="threads of the network")
@@ -48,12 +48,12 @@ class SegmentSpine(SimpleInterface):
 
         bundle = self.inputs.weights if isdefined(self.inputs.weights) else None
         cutoffs = self.inputs.cutoffs if isdefined(self.inputs.cutoffs) else {}
-        same_grid = self.inputs.same_grid if isdefined(self.inputs.same_grid) else []
+        same_slices = self.inputs.same_slices if isdefined(self.inputs.same_slices) else []
         seg = segment_spine(nib.load(self.inputs.in_file), bundle=bundle,
                             n_threads=self.inputs.num_threads,
                             cutoffs={k: v for k, v in cutoffs.items() if k in CLASSES},
                             contrast=_bids_suffix(self.inputs.in_file),
-                            same_grid=[(nib.load(f), _bids_suffix(f)) for f in same_grid])
+                            same_slices=[(nib.load(f), _bids_suffix(f)) for f in same_slices])
         cwd = Path(runtime.cwd)
         seg.dseg_img.header.set_xyzt_units("mm")
         seg.dseg_img.to_filename(cwd / "dseg.nii.gz")

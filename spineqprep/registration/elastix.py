@@ -37,11 +37,15 @@ def itk_module(threads: int | None = None):
     return itk
 
 
-def preload() -> None:
+def preload(threads: int | None = None) -> None:
     """Load ITK and its elastix module in this process now (10-20 s, once per process), so
     that the forked children registering each grid inherit them instead of loading them each
-    (measured: a child's first registration 0.4 s)."""
-    itk_module().ElastixRegistrationMethod  # noqa: B018 - the attribute access loads it
+    (measured: a child's first registration 0.4 s); ``threads``: ITK's global thread count
+    from now on (else the one the first load set)."""
+    itk = itk_module()
+    if threads:
+        itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(int(threads))
+    itk.ElastixRegistrationMethod  # noqa: B018 - the attribute access loads it
 
 
 def to_itk(grid: Grid):

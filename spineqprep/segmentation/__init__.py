@@ -20,9 +20,10 @@ import numpy as np
 from spineqprep.errors import InputError
 from spineqprep.segmentation.infer import (
     average_neighbour_slices,
-    on_one_grid,
     predict_probabilities,
+    probabilities_on,
     sagittal_axis,
+    shares_slices,
     spatial_image,
 )
 from spineqprep.segmentation.postprocess import (
@@ -53,7 +54,7 @@ def segment_spine(img: nib.Nifti1Image, *,
                   n_threads: int = 1, cutoffs: Mapping[str, float] | None = None,
                   min_volume_mm3: Mapping[str, float] | None = None,
                   batch_size: int = 16, contrast: str | None = None,
-                  same_grid: Sequence[tuple[nib.Nifti1Image, str]] = ()) -> SpineSegmentation:
+                  same_slices: Sequence[tuple[nib.Nifti1Image, str]] = ()) -> SpineSegmentation:
     """Segment and level-label the spine on ``img`` (3-D, a single slice, or the first volume
     of a 4-D series). ``bundle``: ``None`` for the packaged model, a bundle folder / ``.pt``
     file, or an already loaded ``(model, meta)`` pair; ``cutoffs`` / ``min_volume_mm3``: per
@@ -65,12 +66,15 @@ def segment_spine(img: nib.Nifti1Image, *,
     in-plane pixels are coarser than the bundle's ``validated_max_pixel_mm`` (the coarsest grid
     on which its model card shows the accuracy bar met) is flagged, not refused.
 
-    ``same_grid``: other contrasts acquired on the grid of ``img`` (``(image, contrast)``, e.g.
-    the T1w of a T2w). Each is run through the network (with its own neighbour-slice
-    averaging) and the class probabilities of all are averaged before the cut-offs, which are
-    then the bundle's for the joint contrast (:func:`joint_contrast`, e.g. ``T1w+T2w``): a
-    boundary that one contrast shows poorly (the annulus against marrow on a long-TE T2w) the
-    other usually shows (model card). Raises ``InputError`` if a grid differs."""
+    ``same_slices``: other contrasts acquired on the sagittal slices of ``img``
+    (``(image, contrast)``, e.g. the T1w of a T2w; same grid, or other in-plane pixels and
+    field of view: :func:`.infer.shares_slices`). Each is run through the network on its own
+    grid (with its own neighbour-slice averaging), its probabilities carried onto ``img``'s
+    grid within each slice, and the class probabilities of all are averaged voxel for voxel
+    (where an image's field of view does not reach, without it) before the cut-offs, which
+    are then the bundle's for the joint contrast (:func:`joint_contrast`, e.g. ``T1w+T2w``):
+    a boundary that one contrast shows poorly (the annulus against marrow on a long-TE T2w)
+    the other usually shows (model card). Raises ``InputError`` if the slices differ."""
     if bundle is None or isinstance(bundle, str | Path):
         from spineqprep.segmentation.model_io import load_bundle
 
@@ -78,16 +82,18 @@ def segment_spine(img: nib.Nifti1Image, *,
     else:
         model, meta = bundle
     classes = tuple(meta["classes"])
-    inputs = [(img, contrast), *same_grid]
-    for other, name in same_grid:
-        if not on_one_grid(other, img):
-            raise InputError(f"the {name} image is not on the grid of the {contrast} image "
-                             f"({other.shape[:3]} vs {img.shape[:3]} voxels or another affine)",
+    for other, name in same_slices:
+        if not shares_slices(img, other):
+            raise InputError(f"the {name} image does not lie on the sagittal slices of the "
+                             f"{contrast} image (other slice positions or orientation)",
                              path=other.get_filename(),
-                             fix="segment images on different grids separately")
-    probs = sum(_probabilities(image, name, model, meta, n_threads, batch_size)
-                for image, name in inputs) / len(inputs)
-    contrast = joint_contrast([name for _, name in inputs]) if same_grid else contrast
+                             fix="segment images on different slices separately")
+    probs = np.stack([probabilities_on(_probabilities(image, name, model, meta, n_threads,
+                                                      batch_size), image, img)
+                      for image, name in [(img, contrast), *same_slices]])
+    probs = np.nanmean(probs, axis=0)
+    if same_slices:
+        contrast = joint_contrast([contrast, *(name for _, name in same_slices)])
     # the bundle's own cut-offs (chosen on its calibration subjects, model card), those for
     # this contrast, then the user's
     cutoffs = {**meta.get("cutoffs", {}), **meta.get("cutoffs_by_contrast", {}).get(contrast, {}),

@@ -196,6 +196,47 @@ def on_one_grid(a: nib.spatialimages.SpatialImage, b: nib.spatialimages.SpatialI
     return a.shape[:3] == b.shape[:3] and bool(np.allclose(a.affine, b.affine, atol=1e-3))
 
 
+def shares_slices(a: nib.spatialimages.SpatialImage, b: nib.spatialimages.SpatialImage,
+                  tolerance: float = 0.1) -> bool:
+    """Whether every sagittal slice of ``a`` is a slice of ``b`` (the same plane, to
+    ``tolerance`` of ``b``'s slice spacing at the corners of each slice of ``a``), whatever
+    their in-plane pixels and fields of view: a T1w and a T2w prescribed on the same slices.
+    ``b``'s 2D probabilities then resample onto ``a`` within each slice
+    (:func:`probabilities_on`), with no interpolation across slices."""
+    if on_one_grid(a, b):
+        return True
+    axis, own = sagittal_axis(b.affine), sagittal_axis(a.affine)
+    corners = np.stack(np.meshgrid(*[range(n) if i == own else [0, n - 1]
+                                     for i, n in enumerate(_shape3(a))], indexing="ij"), -1)
+    inside_b = nib.affines.apply_affine(np.linalg.inv(b.affine) @ a.affine,
+                                        corners.reshape(-1, 3))[:, axis]
+    return bool(np.all(np.abs(inside_b - np.rint(inside_b)) <= tolerance)
+                and inside_b.min() > -0.5 and inside_b.max() < _shape3(b)[axis] - 0.5)
+
+
+def probabilities_on(probs: np.ndarray, source: nib.spatialimages.SpatialImage,
+                     target: nib.spatialimages.SpatialImage) -> np.ndarray:
+    """Class probabilities ``probs`` (X, Y, Z, C) on the grid of ``source`` carried onto the grid
+    of ``target`` (:func:`shares_slices`): linear within each slice, the slice itself taken
+    whole; NaN where ``target`` lies outside ``source``'s field of view."""
+    if on_one_grid(source, target):
+        return probs
+    axis, shape = sagittal_axis(source.affine), _shape3(target)
+    matrix = np.linalg.inv(source.affine) @ target.affine
+    coords = nib.affines.apply_affine(matrix, np.indices(shape).reshape(3, -1).T).T
+    coords[axis] = np.rint(coords[axis])
+    out = np.stack([ndimage.map_coordinates(probs[..., c], coords, order=1, mode="nearest")
+                    for c in range(probs.shape[-1])], axis=-1).astype(np.float32)
+    outside = np.any((coords < -0.5) | (coords > np.array(probs.shape[:3])[:, None] - 0.5), 0)
+    out[outside] = np.nan
+    return out.reshape(*shape, probs.shape[-1])
+
+
+def _shape3(img: nib.spatialimages.SpatialImage) -> tuple[int, int, int]:
+    """The spatial shape of ``img`` as three axes (a 2-D image has one slice)."""
+    return (*img.shape[:3], 1, 1)[:3]
+
+
 def spatial_image(data: np.ndarray, img: nib.Nifti1Image) -> nib.Nifti1Image:
     """``data`` on the grid of ``img`` (its affine and spatial units, no intensity scaling)."""
     out = nib.Nifti1Image(data, img.affine)

@@ -30,9 +30,9 @@ class SubjectPlan:
     precomputed: dict[int, dict[str, Path]] = field(default_factory=dict)
     #: (session, acq) -> the image segmented for that grid
     segment: dict[tuple[str | None, str | None], Path] = field(default_factory=dict)
-    #: (session, acq) -> other contrasts on the grid of its ``segment`` image (a T1w sharing
-    #: the T2w's grid), segmented together with it
-    same_grid: dict[tuple[str | None, str | None], list[Path]] = field(default_factory=dict)
+    #: (session, acq) -> other contrasts on the sagittal slices of its ``segment`` image (a
+    #: T1w prescribed on the T2w's slices, any in-plane grid), segmented together with it
+    same_slices: dict[tuple[str | None, str | None], list[Path]] = field(default_factory=dict)
     #: (session, acq) -> (dseg, dseg.tsv) given with --derivatives instead of segmenting
     masks: dict[tuple[str | None, str | None], tuple[Path, Path]] = field(default_factory=dict)
     #: (session, acq) of a UTE grid -> (its first echo, the ``segment`` key locating L5)
@@ -78,7 +78,7 @@ def init_spineqprep_wf(config: RunConfig, plans: list[SubjectPlan]) -> pe.Workfl
 
 def init_single_subject_wf(config: RunConfig, plan: SubjectPlan) -> pe.Workflow:
     """Map every relaxometry series of one subject, segment each mapping grid (and the sagittal
-    T2w, with a T1w on its grid), compute whole-region statistics of the maps, bring the T2 /
+    T2w, with a T1w on its slices), compute whole-region statistics of the maps, bring the T2 /
     T1rho maps of every disc into atlas space, then publish the subject's derivatives."""
     wf = pe.Workflow(name=f"sub_{plan.subject}_wf")
     staging = staging_dir(config)
@@ -102,7 +102,7 @@ def init_single_subject_wf(config: RunConfig, plan: SubjectPlan) -> pe.Workflow:
                 image, entities, staging_dir=staging, raw_dir=config.bids_dir,
                 weights=config.seg_weights, cutoffs=config.cutoffs,
                 omp_nthreads=config.omp_nthreads, precomputed=plan.masks.get((session, acq)),
-                same_grid=plan.same_grid.get((session, acq), ()),
+                same_slices=plan.same_slices.get((session, acq), ()),
                 name=f"{_prefix(session)}seg_acq_{acq or 'none'}_wf",
             )
             staged.append((seg_wf, "outputnode.out_files"))

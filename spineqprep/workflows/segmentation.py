@@ -46,10 +46,10 @@ def init_spine_segmentation_wf(
     cutoffs: dict[str, float] | None = None,
     omp_nthreads: int = 1,
     precomputed: tuple[Path, Path] | None = None,
-    same_grid: Sequence[Path] = (),
+    same_slices: Sequence[Path] = (),
     name: str = "spine_seg_wf",
 ) -> pe.Workflow:
-    """Segment ``in_file`` together with the other contrasts on its grid (``same_grid``), or
+    """Segment ``in_file`` together with the other contrasts on its slices (``same_slices``), or
     reuse a precomputed ``(dseg, dseg.tsv)``, and stage the result.
 
     Outputs (``outputnode``): ``out_files`` (staged), ``dseg`` and ``labels`` (its look-up
@@ -58,7 +58,7 @@ def init_spine_segmentation_wf(
     wf = pe.Workflow(name=name)
     source = [bids_uri(in_file, raw_dir)]
     if not precomputed:
-        source += [bids_uri(f, raw_dir) for f in same_grid]
+        source += [bids_uri(f, raw_dir) for f in same_slices]
     ds_dseg, ds_labels = _dseg_sinks(staging_dir, entities, source)
     if precomputed:
         wf.__desc__ = f"\n- segmentation of acq-{entities.get('acq')} reused from {precomputed[0]}"
@@ -66,15 +66,15 @@ def init_spine_segmentation_wf(
     else:
         wf.__desc__ = (
             f"\n- vertebral bodies, sacrum and intervertebral discs segmented on "
-            f"{' and '.join(Path(f).name for f in [in_file, *same_grid])} by spineqprep's 2D "
-            "U-Net (per sagittal slice; the class probabilities of images on one grid "
-            "averaged), connected "
+            f"{' and '.join(Path(f).name for f in [in_file, *same_slices])} by spineqprep's 2D "
+            "U-Net (per sagittal slice; the class probabilities of images on the same slices "
+            "averaged on the grid of the first), connected "
             "components above a minimum volume, and anatomical levels assigned inferior to "
             "superior from the sacrum"
         )
         seg = _network(SegmentSpine, in_file, weights, cutoffs, omp_nthreads)
-        if same_grid:
-            seg.inputs.same_grid = [str(f) for f in same_grid]
+        if same_slices:
+            seg.inputs.same_slices = [str(f) for f in same_slices]
         ds_dseg.inputs.meta_dict = {
             "Description": "Vertebral bodies, sacrum and discs labelled by anatomical level "
             "(spineqprep.segmentation); LevelFlags lists why a labelling is doubtful.",
