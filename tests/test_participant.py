@@ -404,6 +404,11 @@ def test_network_segmentation_against_the_truth(synth, processed) -> None:
         sources = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())[
             "Sources"]
         assert [s.rsplit("_", 1)[-1] for s in sources] == ["T2w.nii.gz", "T1w.nii.gz"], sources
+    # the methods text says so for those, and only for those
+    lines = [line for line in (out / "logs" / "CITATION.md").read_text().splitlines()
+             if "2D U-Net" in line]
+    assert len(lines) == len(dsegs)
+    assert all(("averaged on the grid" in line) == ("_T1w.nii.gz" in line) for line in lines)
     table = evaluate_datasets(out, synth.truth_dir, labels=["L1L2", "L2L3", "L3L4", "L4L5",
                                                             "L5S1", "L1", "L2", "L3", "L4", "L5"])
     assert len(table) == len(dsegs) * 10

@@ -67,8 +67,9 @@ def init_spine_segmentation_wf(
         wf.__desc__ = (
             f"\n- vertebral bodies, sacrum and intervertebral discs segmented on "
             f"{' and '.join(Path(f).name for f in [in_file, *same_slices])} by spineqprep's 2D "
-            "U-Net (per sagittal slice; the class probabilities of images on the same slices "
-            "averaged on the grid of the first), connected "
+            "U-Net (per sagittal slice"
+            + ("; the class probabilities of these images, on the same slices, averaged on the "
+               "grid of the first" if same_slices else "") + "), connected "
             "components above a minimum volume, and anatomical levels assigned inferior to "
             "superior from the sacrum"
         )
