@@ -39,6 +39,7 @@ from scipy import ndimage
 
 from spineqprep.metrics import bland_altman, dice
 from spineqprep.segmentation import external, segment_spine
+from spineqprep.segmentation.infer import sagittal_axis
 from spineqprep.segmentation.model_io import load_bundle
 from spineqprep.synth import generate_dataset, protocols
 
@@ -79,17 +80,18 @@ def synthetic(bundle, subjects: int, size: str, seed: int = 999,
                          *res.raw_dir.rglob("*_tsl-1_MESL.nii.gz")])
         # the pipeline segments a T2w together with the T1w on its slices: scored as
         # "T1w+T2w", and with that T1w re-gridded in-plane (--t1w-pixel-scale) as "T1w~+T2w"
-        jobs = [(path, [], path.name.split("_")[-1][:-7]) for path in images]
+        jobs = []
         for path in images:
-            t1w = path.with_name(path.name.replace("_T2w", "_T1w"))
-            if path.name.endswith("_T2w.nii.gz") and t1w.exists():
-                jobs.append((path, [(nib.load(t1w), "T1w")], "T1w+T2w"))
-                if t1w_pixel_scale:
-                    jobs.append((path, [(regrid_inplane(nib.load(t1w), t1w_pixel_scale), "T1w")],
-                                 "T1w~+T2w"))
-        for path, same_slices, contrast in jobs:
-            img = nib.load(path)
             suffix = path.name.split("_")[-1][:-7]
+            jobs.append((path, suffix, [], suffix))
+            t1w = path.with_name(path.name.replace("_T2w", "_T1w"))
+            if suffix == "T2w" and t1w.exists():
+                jobs.append((path, suffix, [(nib.load(t1w), "T1w")], "T1w+T2w"))
+                if t1w_pixel_scale:
+                    jobs.append((path, suffix, [(regrid_inplane(nib.load(t1w), t1w_pixel_scale),
+                                                 "T1w")], "T1w~+T2w"))
+        for path, suffix, same_slices, contrast in jobs:
+            img = nib.load(path)
             start = time.perf_counter()
             seg = segment_spine(img, bundle=bundle, n_threads=2, cutoffs=cutoffs,
                                 contrast=suffix, same_slices=same_slices)
@@ -119,7 +121,7 @@ def regrid_inplane(img: nib.Nifti1Image, factor: float) -> nib.Nifti1Image:
     ``factor`` times larger (blurred by a Gaussian of FWHM ``factor`` pixels where coarser,
     sampled linearly at the new pixel centres): a T1w on its own in-plane grid."""
     data = np.asarray(img.dataobj, np.float32)
-    sag = [c in "LR" for c in nib.aff2axcodes(img.affine)].index(True)
+    sag = sagittal_axis(img.affine)
     inplane = [a for a in range(3) if a != sag]
     shape = list(data.shape)
     for a in inplane:

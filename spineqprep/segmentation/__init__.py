@@ -88,11 +88,11 @@ def segment_spine(img: nib.Nifti1Image, *,
                              f"{contrast} image (other slice positions or orientation)",
                              path=other.get_filename(),
                              fix="segment images on different slices separately")
-    probs = np.stack([probabilities_on(_probabilities(image, name, model, meta, n_threads,
-                                                      batch_size), image, img)
-                      for image, name in [(img, contrast), *same_slices]])
-    probs = np.nanmean(probs, axis=0)
+    probs = _probabilities(img, contrast, model, meta, n_threads, batch_size)
     if same_slices:
+        probs = np.nanmean([probs, *(probabilities_on(_probabilities(
+            other, name, model, meta, n_threads, batch_size), other, img)
+            for other, name in same_slices)], axis=0).astype(np.float32)
         contrast = joint_contrast([contrast, *(name for _, name in same_slices)])
     # the bundle's own cut-offs (chosen on its calibration subjects, model card), those for
     # this contrast, then the user's
